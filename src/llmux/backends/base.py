@@ -1,0 +1,79 @@
+"""The backend seam: how the scheduler's effects start and stop one model's child process.
+
+The scheduler never touches processes itself; its effects call a ``Launcher``. Tests of the
+scheduler core use a recorder instead; process tests use the real ``ProcessLauncher``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything needed to run one model's child. Comes from config only, never from a request."""
+
+    model_id: str
+    argv: tuple[str, ...]
+    """Already split (shlex for ``cmd``); ``${PORT}`` in any argument is filled with a free port."""
+    health: str = "/health"
+    """GET path that answers 200 once the child is ready."""
+    ready_timeout: float = 300.0
+    stop_timeout: float = 10.0
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment on top of llmux's own."""
+
+
+class LaunchFailed(Exception):
+    """The child could not be started or never became ready. Its process group is gone."""
+
+    def __init__(self, message: str, log_tail: list[str]) -> None:
+        super().__init__(message)
+        self.message = message
+        self.log_tail = log_tail
+
+    def describe(self) -> str:
+        tail = "\n".join(self.log_tail[-20:])
+        return f"{self.message}\n--- last output ---\n{tail}" if tail else self.message
+
+
+class Child(Protocol):
+    """A running, ready child process."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT``"""
+        ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def log_tail(self) -> list[str]:
+        """The last lines (at most 50) the child wrote to stdout/stderr."""
+        ...
+
+    async def wait_exit(self) -> int:
+        """Return the exit status once the process has exited (for any reason)."""
+        ...
+
+    async def stop(self, timeout: float) -> int:
+        """SIGTERM the process group, SIGKILL it after ``timeout`` s; return once it is gone."""
+        ...
+
+
+class Launcher(Protocol):
+    async def launch(self, spec: LaunchSpec) -> Child:
+        """Spawn the child and wait until ``health`` answers 200.
+
+        Raises ``LaunchFailed`` (with the last output lines) if it cannot be spawned, exits,
+        or is not ready within ``ready_timeout``; the process group is killed before raising.
+        If cancelled, kills the process group and re-raises.
+        """
+        ...

@@ -1,0 +1,259 @@
+"""Typed configuration (YAML), validated with pydantic.
+
+Every field says its unit. Durations accept a number of seconds or a string with a unit
+(``500ms``, ``2s``, ``10m``, ``1h``). Errors name the dotted key and the YAML line.
+The config is passed in through constructors; nothing here is global.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from llmux.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> Any:
+    """``10m`` -> 600.0; numbers are seconds. Anything else is left for pydantic to reject."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ValueError(
+                f"not a duration: {value!r} (use seconds, or a number with ms, s, m, h)"
+            )
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+
+ModelType = Literal["llm", "tts", "asr", "embedding"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    """Bind address. Loopback by default."""
+    port: int = Field(8080, ge=0, le=65535)
+    api_keys: list[str] = []
+    """Bearer keys for /v1/*, /status, /metrics, /events and /. Empty = open."""
+    admin_keys: list[str] = []
+    """Keys for load/unload/logs. Empty = the api_keys serve (or open if those are empty too)."""
+    max_queue: int = Field(256, ge=0)
+    """Waiting requests in all; past it 429 queue_full."""
+    queue_timeout: Seconds = 300.0
+    """Longest wait for a model, seconds; past it 504 queue_timeout."""
+    shutdown_grace: Seconds = 30.0
+    """On SIGTERM, seconds to let in-flight requests finish before children are stopped."""
+    max_upload_mb: float = Field(25.0, gt=0)
+    """Largest request body, MB (10^6 bytes); past it 413."""
+
+
+class GpuConfig(_Strict):
+    vram_gb: float | Literal["auto"] = "auto"
+    """The budget in GB; auto = NVML total of the device, 16 without NVML."""
+    reserve_gb: float = Field(0.5, ge=0)
+    """Never handed out (CUDA context slack, other processes)."""
+
+
+class TierConfig(_Strict):
+    name: str = Field(min_length=1)
+    protected: bool = False
+    """A protected tier is never evicted for a request of a lower tier."""
+
+
+class ModelConfig(_Strict):
+    type: ModelType
+    vram_gb: float = Field(ge=0)
+    """Reservation in GB (learned upward from measurement when NVML is present)."""
+    cmd: str | None = None
+    """Command line of an external OpenAI-style server; ``${PORT}`` is filled with a free port."""
+    engine: Literal["llama-cpp", "faster-whisper", "piper"] | None = None
+    model: str | None = None
+    """For engines: a path, or the name of a packaged model."""
+    args: dict[str, Any] = {}
+    """Engine options (threads, device, compute type, context size...)."""
+    env: dict[str, str] = {}
+    """Extra environment variables for the child."""
+    health: str = "/health"
+    ready_timeout: Seconds = 300.0
+    stop_timeout: Seconds = 10.0
+    ttl: Seconds | None = None
+    """Unload after this many idle seconds; None = never by time. Ignored for pinned models."""
+    tier: str | None = None
+    """Defaults to the type (embedding -> llm)."""
+    aliases: list[str] = []
+    pinned: bool = False
+    upstream_model: str | None = None
+    """If set, the request's ``model`` field is rewritten to this name before relaying."""
+
+    @model_validator(mode="after")
+    def _one_launcher(self) -> ModelConfig:
+        if (self.cmd is None) == (self.engine is None):
+            raise ValueError("set exactly one of 'cmd' or 'engine'")
+        if self.engine is not None and self.model is None:
+            raise ValueError(f"engine '{self.engine}' needs 'model' (a path or a packaged model)")
+        if not self.health.startswith("/"):
+            raise ValueError("'health' must be a path starting with '/'")
+        return self
+
+    @property
+    def default_tier(self) -> str:
+        return "llm" if self.type == "embedding" else self.type
+
+
+DEFAULT_TIERS = (
+    TierConfig(name="llm"),
+    TierConfig(name="tts"),
+    TierConfig(name="asr", protected=True),
+)
+
+
+class Config(_Strict):
+    server: ServerConfig = ServerConfig()
+    gpu: GpuConfig = GpuConfig()
+    tiers: list[TierConfig] = list(DEFAULT_TIERS)
+    """Lowest priority first."""
+    models: dict[str, ModelConfig] = {}
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Config:
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tiers: duplicate tier names in {names}")
+        if not names:
+            raise ValueError("tiers: at least one tier is needed")
+        seen: dict[str, str] = {}
+        for model_id, m in self.models.items():
+            tier = m.tier or m.default_tier
+            if tier not in names:
+                raise ValueError(
+                    f"models.{model_id}.tier: unknown tier '{tier}' (tiers are {names})"
+                )
+            for name in [model_id, *m.aliases]:
+                if name in seen and seen[name] != model_id:
+                    raise ValueError(
+                        f"models.{model_id}.aliases: '{name}' is already used by '{seen[name]}'"
+                    )
+                seen[name] = model_id
+        return self
+
+    def tier_of(self, model_id: str) -> str:
+        m = self.models[model_id]
+        return m.tier or m.default_tier
+
+    def tier_rank(self, tier: str) -> int:
+        """Higher rank = higher priority."""
+        return [t.name for t in self.tiers].index(tier)
+
+    def tier_protected(self, tier: str) -> bool:
+        return next(t.protected for t in self.tiers if t.name == tier)
+
+    def resolve(self, name: str) -> str | None:
+        """Model id for an id or alias, or None."""
+        if name in self.models:
+            return name
+        for model_id, m in self.models.items():
+            if name in m.aliases:
+                return model_id
+        return None
+
+    def budget_gb(self, nvml_total_gb: float | None) -> float:
+        """Usable VRAM: the configured (or detected) total less the reserve."""
+        if self.gpu.vram_gb == "auto":
+            total = nvml_total_gb if nvml_total_gb is not None else 16.0
+        else:
+            total = self.gpu.vram_gb
+        return max(0.0, total - self.gpu.reserve_gb)
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """1-based line of the deepest YAML node that ``loc`` reaches."""
+    line = None if node is None else node.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next(
+                (v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part),
+                None,
+            )
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            nxt = node.value[part] if part < len(node.value) else None
+        else:
+            nxt = None
+        if nxt is None:
+            break
+        node = nxt
+        line = node.start_mark.line + 1
+    return line
+
+
+def _key(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _is_branch(part: int | str) -> bool:
+    if not isinstance(part, str):
+        return False
+    return part.startswith("function-") or "[" in part or part in {"float", "str", "int"}
+
+
+def parse_config(text: str, source: str = "config") -> Config:
+    """Parse and validate YAML text. Raises ConfigError naming each bad key and its line."""
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], source) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            ["(top level): expected a mapping with server, gpu, tiers, models"], source
+        )
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(
+                p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))
+            )
+            # Pydantic adds the union branch name ("float", "literal[...]"); drop it from the key.
+            loc = tuple(
+                p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"float", "str"}))
+            )
+            line = _line_of(node, loc)
+            msg = err["msg"].removeprefix("Value error, ")
+            where = f" (line {line})" if line is not None else ""
+            problems.append(f"{_key(loc)}{where}: {msg}")
+        raise ConfigError(problems, source) from None
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read {p}: {exc.strerror}"], str(p)) from None
+    return parse_config(text, str(p))

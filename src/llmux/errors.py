@@ -1,0 +1,131 @@
+"""The one error tree of llmux.
+
+Every failure a client can see is an ``LlmuxError``. Each subclass fixes the HTTP status,
+the OpenAI error ``type`` and ``code``; the API boundary (``llmux.api.errors``) turns any of
+them into OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}`` in one place.
+Nothing branches on message text.
+
+::
+
+    LlmuxError
+    ├── InvalidRequest          400 invalid_request_error
+    │   └── BodyTooLarge        413 invalid_request_error / body_too_large
+    ├── AuthenticationFailed    401 authentication_error / invalid_api_key
+    ├── PermissionDenied        403 permission_error / permission_error
+    ├── ModelNotFound           404 invalid_request_error / model_not_found
+    ├── QueueFull               429 rate_limit_error / queue_full
+    ├── UpstreamError           502 upstream_error / upstream_error
+    ├── InsufficientVram        503 insufficient_vram / insufficient_vram
+    ├── ModelLoadFailed         503 model_load_failed / model_load_failed
+    ├── ModelUnavailable        503 service_unavailable / model_unavailable (shutting down, removed)
+    └── QueueTimeout            504 timeout_error / queue_timeout
+
+``ConfigError`` is separate: it never reaches a client, it stops ``llmux serve`` and is what
+``llmux check-config`` prints.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class LlmuxError(Exception):
+    """Base of every client-visible error."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def envelope(self) -> dict[str, Any]:
+        """OpenAI's error envelope for this error."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(LlmuxError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class BodyTooLarge(InvalidRequest):
+    status = 413
+    code = "body_too_large"
+
+
+class AuthenticationFailed(LlmuxError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(LlmuxError):
+    status = 403
+    type = "permission_error"
+    code = "permission_error"
+
+
+class ModelNotFound(LlmuxError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist.", param="model")
+        self.model = model
+
+
+class QueueFull(LlmuxError):
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+
+class UpstreamError(LlmuxError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class InsufficientVram(LlmuxError):
+    status = 503
+    type = "insufficient_vram"
+    code = "insufficient_vram"
+
+
+class ModelLoadFailed(LlmuxError):
+    status = 503
+    type = "model_load_failed"
+    code = "model_load_failed"
+
+
+class ModelUnavailable(LlmuxError):
+    status = 503
+    type = "service_unavailable"
+    code = "model_unavailable"
+
+
+class QueueTimeout(LlmuxError):
+    status = 504
+    type = "timeout_error"
+    code = "queue_timeout"
+
+
+class ConfigError(Exception):
+    """An invalid configuration. ``problems`` holds one line per error, each naming the key."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source}: " + "; ".join(problems))

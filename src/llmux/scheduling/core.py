@@ -1,0 +1,435 @@
+"""The scheduler core: the one owner of all model state.
+
+``SchedulerCore.handle(event)`` is synchronous and is only ever called by the owner task (or by a
+test or the simulator, driving it directly). It mutates state, asks the pure planner what to do,
+and acts through ``Effects``. It never awaits, never does I/O, and never reads the clock except
+through the injected ``clock`` (monotonic) and ``wall`` callables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llmux.config import Config
+from llmux.errors import (
+    InsufficientVram,
+    ModelLoadFailed,
+    ModelUnavailable,
+    QueueFull,
+    QueueTimeout,
+)
+from llmux.scheduling.events import (
+    Acquire,
+    Cancel,
+    Deadline,
+    Effects,
+    Event,
+    LoadFinished,
+    Measured,
+    Notice,
+    ProcessExited,
+    Release,
+    Shutdown,
+    StopFinished,
+    StopReason,
+    TtlExpired,
+    Unload,
+)
+from llmux.scheduling.planner import (
+    Infeasible,
+    ModelView,
+    Promise,
+    Snapshot,
+    Start,
+    Wait,
+    plan_load,
+)
+from llmux.scheduling.state import RESIDENT, SERVING, ModelRecord, ModelState, Waiter, WaiterKind
+
+PASSOVER_BOUND_S = 10.0
+"""A request waiting longer than this is planned before any other (oldest first), whatever its
+tier: the bound on how long a lower tier can be passed over. See docs/scheduling.md."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    rid: int
+    model_id: str
+    generation: int
+
+
+class SchedulerCore:
+    def __init__(
+        self,
+        config: Config,
+        budget_gb: float,
+        effects: Effects,
+        clock: Callable[[], float],
+        wall: Callable[[], float],
+        passover_bound: float = PASSOVER_BOUND_S,
+    ) -> None:
+        self.config = config
+        self.budget_gb = budget_gb
+        self.effects = effects
+        self.clock = clock
+        self.wall = wall
+        self.passover_bound = passover_bound
+        self.models: dict[str, ModelRecord] = {
+            mid: ModelRecord(
+                model_id=mid,
+                tier=config.tier_of(mid),
+                tier_rank=config.tier_rank(config.tier_of(mid)),
+                protected=config.tier_protected(config.tier_of(mid)),
+                pinned=m.pinned,
+                configured_gb=m.vram_gb,
+                ttl=m.ttl,
+            )
+            for mid, m in config.models.items()
+        }
+        self.waiters: dict[int, Waiter] = {}
+        self.leases: dict[int, Lease] = {}
+        self.pending: dict[str, float] = {}
+        """Loads promised the memory their victims free, in promise order."""
+        self.closing = False
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def reserved_gb(self) -> float:
+        return sum(m.reservation_gb for m in self.models.values() if m.state in RESIDENT)
+
+    @property
+    def queued_requests(self) -> int:
+        return sum(1 for w in self.waiters.values() if w.kind is WaiterKind.REQUEST)
+
+    def queued(self, model_id: str) -> int:
+        return len(self.models[model_id].waiters)
+
+    def snapshot(self) -> Snapshot:
+        views = {
+            mid: ModelView(
+                model_id=mid,
+                tier_rank=m.tier_rank,
+                protected=m.protected,
+                pinned=m.pinned,
+                state=m.state,
+                busy=m.in_flight > 0 or (m.state is ModelState.LOADING and bool(m.waiters)),
+                reservation_gb=m.reservation_gb,
+                last_used=m.last_used if m.last_used is not None else float("-inf"),
+            )
+            for mid, m in self.models.items()
+        }
+        return Snapshot(self.budget_gb, views, dict(self.pending))
+
+    # ------------------------------------------------------------------ events
+
+    def handle(self, event: Event) -> None:
+        match event:
+            case Acquire():
+                self._acquire(event)
+            case Release():
+                self._release(event.rid)
+            case Cancel():
+                self._cancel(event.rid)
+            case LoadFinished():
+                self._load_finished(event)
+            case ProcessExited():
+                self._process_exited(event)
+            case StopFinished():
+                self._stop_finished(event)
+            case Unload():
+                self._unload(event)
+            case TtlExpired():
+                self._ttl_expired(event)
+            case Deadline():
+                self._deadline(event.rid)
+            case Measured():
+                m = self.models[event.model_id]
+                m.learned_gb = max(m.learned_gb, event.gb)
+            case Shutdown():
+                self._shutdown()
+        self._pump()
+
+    def _acquire(self, ev: Acquire) -> None:
+        m = self.models[ev.model_id]
+        if self.closing:
+            self.effects.reject(ev.rid, ModelUnavailable("llmux is shutting down"))
+            return
+        if m.state is ModelState.READY and not m.unload_requested:
+            self._admit(ev.rid, m, ev.kind)
+            return
+        if ev.kind is WaiterKind.REQUEST and self.queued_requests >= self.config.server.max_queue:
+            self.effects.reject(
+                ev.rid,
+                QueueFull(
+                    f"{self.config.server.max_queue} requests are already waiting for models; "
+                    "retry later"
+                ),
+            )
+            return
+        if m.state is ModelState.UNLOADED and ev.model_id not in self.pending:
+            decision = plan_load(self.snapshot(), ev.model_id)
+            if isinstance(decision, Infeasible):
+                self.effects.reject(ev.rid, _insufficient(ev.model_id, decision))
+                return
+        now = self.clock()
+        self.waiters[ev.rid] = Waiter(ev.rid, ev.model_id, ev.kind, now)
+        m.waiters.append(ev.rid)
+        if ev.kind is not WaiterKind.PRELOAD:
+            self.effects.call_at(now + self.config.server.queue_timeout, Deadline(ev.rid))
+        self.effects.notify(Notice.QUEUED, ev.model_id, ev.kind.value)
+
+    def _admit(self, rid: int, m: ModelRecord, kind: WaiterKind) -> None:
+        if kind is WaiterKind.REQUEST:
+            m.in_flight += 1
+            m.last_used = self.wall()
+            self.leases[rid] = Lease(rid, m.model_id, m.generation)
+            self.effects.grant(rid, m.model_id, m.generation)
+        elif kind is WaiterKind.ADMIN_LOAD:
+            self.effects.answer(rid)
+
+    def _release(self, rid: int) -> None:
+        lease = self.leases.pop(rid, None)
+        if lease is None:
+            return
+        m = self.models[lease.model_id]
+        if lease.generation != m.generation or m.state not in (
+            ModelState.READY,
+            ModelState.DRAINING,
+        ):
+            return
+        m.in_flight -= 1
+        if m.in_flight > 0:
+            return
+        if m.state is ModelState.DRAINING:
+            self._stop(m, StopReason.PRIORITY)
+        else:
+            self._became_idle(m)
+
+    def _became_idle(self, m: ModelRecord) -> None:
+        m.idle_since = self.clock()
+        if m.ttl is not None and not m.pinned:
+            self.effects.call_at(m.idle_since + m.ttl, TtlExpired(m.model_id, m.generation))
+
+    def _cancel(self, rid: int) -> None:
+        if rid in self.leases:
+            self._release(rid)
+            return
+        w = self.waiters.pop(rid, None)
+        if w is None:
+            return
+        m = self.models[w.model_id]
+        m.waiters.remove(rid)
+        self._drop_pending_if_unwanted(m)
+
+    def _deadline(self, rid: int) -> None:
+        w = self.waiters.get(rid)
+        if w is None:
+            return
+        self._cancel(rid)
+        self.effects.reject(
+            rid,
+            QueueTimeout(
+                f"waited {self.config.server.queue_timeout:g}s for model '{w.model_id}' "
+                f"(state {self.models[w.model_id].state.value}) without getting it"
+            ),
+        )
+
+    def _drop_pending_if_unwanted(self, m: ModelRecord) -> None:
+        if not m.waiters and m.model_id in self.pending:
+            del self.pending[m.model_id]
+
+    def _load_finished(self, ev: LoadFinished) -> None:
+        m = self.models[ev.model_id]
+        if ev.generation != m.generation or m.state is not ModelState.LOADING:
+            return
+        if ev.error is not None:
+            m.move(ModelState.UNLOADED)
+            m.pid = None
+            m.last_error = ev.error
+            m.unload_requested = False
+            self.effects.notify(Notice.LOAD_FAILED, m.model_id, ev.error.splitlines()[0])
+            for w in self._take_waiters(m):
+                self.effects.reject(
+                    w.rid, ModelLoadFailed(f"model '{m.model_id}' failed to load: {ev.error}")
+                )
+            self._answer_unload_waiters(m)
+            return
+        m.move(ModelState.READY)
+        m.pid = ev.pid
+        m.last_error = None
+        self.effects.notify(Notice.READY, m.model_id, "load finished")
+        for w in self._take_waiters(m):
+            self._admit(w.rid, m, w.kind)
+        if m.unload_requested:
+            self._doom(m, StopReason.SHUTDOWN if self.closing else StopReason.ADMIN)
+        elif m.in_flight == 0:
+            self._became_idle(m)
+
+    def _take_waiters(self, m: ModelRecord) -> list[Waiter]:
+        rids, m.waiters = m.waiters, []
+        return [self.waiters.pop(rid) for rid in rids]
+
+    def _process_exited(self, ev: ProcessExited) -> None:
+        m = self.models[ev.model_id]
+        if ev.generation != m.generation or m.state not in SERVING:
+            return
+        m.move(ModelState.UNLOADED)
+        m.pid = None
+        m.in_flight = 0
+        m.unload_requested = False
+        for rid in [r for r, lease in self.leases.items() if lease.model_id == m.model_id]:
+            del self.leases[rid]
+        reason = f"process exited with status {ev.returncode}"
+        m.last_error = f"{reason}\n{ev.log_tail}" if ev.log_tail else reason
+        self.effects.notify(Notice.CRASHED, m.model_id, reason)
+        self._answer_unload_waiters(m)
+
+    def _stop_finished(self, ev: StopFinished) -> None:
+        m = self.models[ev.model_id]
+        if ev.generation != m.generation or m.state is not ModelState.UNLOADING:
+            return
+        m.move(ModelState.UNLOADED)
+        m.pid = None
+        m.unload_requested = False
+        self.effects.notify(Notice.UNLOADED, m.model_id, "process gone")
+        self._answer_unload_waiters(m)
+
+    def _answer_unload_waiters(self, m: ModelRecord) -> None:
+        rids, m.unload_waiters = m.unload_waiters, []
+        for rid in rids:
+            self.effects.answer(rid)
+
+    def _unload(self, ev: Unload) -> None:
+        m = self.models[ev.model_id]
+        if m.state is ModelState.UNLOADED:
+            self.effects.answer(ev.rid)
+            return
+        m.unload_waiters.append(ev.rid)
+        if m.state is ModelState.LOADING:
+            m.unload_requested = True
+        elif m.state is ModelState.READY:
+            self._doom(m, StopReason.ADMIN)
+
+    def _ttl_expired(self, ev: TtlExpired) -> None:
+        m = self.models[ev.model_id]
+        if (
+            ev.generation != m.generation
+            or m.state is not ModelState.READY
+            or m.in_flight > 0
+            or m.ttl is None
+            or m.pinned
+        ):
+            return
+        if self.clock() - m.idle_since + 1e-6 >= m.ttl:
+            self._doom(m, StopReason.TTL)
+
+    def _shutdown(self) -> None:
+        self.closing = True
+        for rid in list(self.waiters):
+            w = self.waiters.pop(rid)
+            self.models[w.model_id].waiters.remove(rid)
+            self.effects.reject(rid, ModelUnavailable("llmux is shutting down"))
+        self.pending.clear()
+        for m in self.models.values():
+            if m.state is ModelState.READY:
+                self._doom(m, StopReason.SHUTDOWN)
+            elif m.state is ModelState.LOADING:
+                m.unload_requested = True
+
+    # ------------------------------------------------------------------ acting
+
+    def _doom(self, m: ModelRecord, reason: StopReason) -> None:
+        """Evict ``m``: stop now if idle, else drain first."""
+        if m.in_flight == 0:
+            self._stop(m, reason)
+        else:
+            m.move(ModelState.DRAINING)
+            self.effects.notify(Notice.DRAINING, m.model_id, reason.value)
+
+    def _stop(self, m: ModelRecord, reason: StopReason) -> None:
+        m.move(ModelState.UNLOADING)
+        self.effects.notify(Notice.UNLOADING, m.model_id, reason.value)
+        self.effects.stop(m.model_id, m.generation, reason)
+
+    def _start(self, m: ModelRecord) -> None:
+        self.pending.pop(m.model_id, None)
+        m.move(ModelState.LOADING)
+        m.generation += 1
+        self.effects.notify(Notice.LOADING, m.model_id, f"{len(m.waiters)} waiting")
+        self.effects.start_load(m.model_id, m.generation)
+
+    def _free_now(self) -> float:
+        return self.budget_gb - self.reserved_gb
+
+    def _waiting_models(self) -> list[ModelRecord]:
+        """Unloaded models with waiters, not yet promised: the order in which they are planned.
+
+        Starving (waited past the pass-over bound) first, oldest first; then higher tier first;
+        then oldest waiter first. Requests for one model are planned (and granted) as a group.
+        """
+        now = self.clock()
+        out = []
+        for m in self.models.values():
+            if m.state is ModelState.UNLOADED and m.waiters and m.model_id not in self.pending:
+                out.append(m)
+
+        def key(m: ModelRecord) -> tuple[int, int, float]:
+            oldest = self.waiters[m.waiters[0]].enqueued_at
+            if now - oldest >= self.passover_bound:
+                return (0, 0, oldest)
+            return (1, -m.tier_rank, oldest)
+
+        return sorted(out, key=key)
+
+    def _pump(self) -> None:
+        """Act on everything the current state allows, until nothing changes."""
+        if self.closing:
+            return
+        progress = True
+        while progress:
+            progress = False
+            # Promised loads start, in promise order, once their memory is really free.
+            for mid in list(self.pending):
+                m = self.models[mid]
+                if m.reservation_gb <= self._free_now() + 1e-9:
+                    self._start(m)
+                    progress = True
+            for m in self._waiting_models():
+                decision = plan_load(self.snapshot(), m.model_id)
+                if isinstance(decision, Start):
+                    self._start(m)
+                elif isinstance(decision, Promise):
+                    self.pending[m.model_id] = m.reservation_gb
+                    for vid in decision.victims:
+                        self._doom(self.models[vid], StopReason.PRIORITY)
+                elif isinstance(decision, Infeasible):
+                    for w in self._take_waiters(m):
+                        self.effects.reject(w.rid, _insufficient(m.model_id, decision))
+                elif isinstance(decision, Wait):
+                    # Strict priority: nothing below a waiting model is planned before it.
+                    break
+                progress = True
+                break  # re-plan from the top with the new state
+
+    # ------------------------------------------------------------------ invariants
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if a rule is broken. Cheap; used by tests after every step."""
+        assert self.reserved_gb <= self.budget_gb + 1e-6, (
+            f"budget: reserved {self.reserved_gb} > {self.budget_gb}"
+        )
+        for m in self.models.values():
+            if m.state not in (ModelState.READY, ModelState.DRAINING):
+                assert m.in_flight == 0, f"{m.model_id} {m.state} has in_flight {m.in_flight}"
+            assert m.in_flight >= 0
+        assert sum(len(m.waiters) for m in self.models.values()) == len(self.waiters)
+
+
+def _insufficient(model_id: str, d: Infeasible) -> InsufficientVram:
+    held = ", ".join(f"{mid} ({gb:g} GB)" for mid, gb in d.holders) or "nothing"
+    return InsufficientVram(
+        f"model '{model_id}' needs {d.need_gb:g} GB but only {d.budget_gb:g} GB is budgeted and "
+        f"memory it may not take is held by: {held}"
+    )

@@ -1,0 +1,158 @@
+"""Events the scheduler core reads, and the effects interface it acts through."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+from llmux.errors import LlmuxError
+from llmux.scheduling.state import WaiterKind
+
+
+@dataclass(frozen=True)
+class Acquire:
+    """A request (or admin load, or preload) wants ``model_id`` ready."""
+
+    rid: int
+    model_id: str
+    kind: WaiterKind = WaiterKind.REQUEST
+
+
+@dataclass(frozen=True)
+class Release:
+    """A lease granted to ``rid`` is finished."""
+
+    rid: int
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """The client behind ``rid`` went away (waiting or holding a lease)."""
+
+    rid: int
+
+
+@dataclass(frozen=True)
+class LoadFinished:
+    model_id: str
+    generation: int
+    pid: int | None = None
+    error: str | None = None
+    """None on success; else the reason with the child's last output lines."""
+
+
+@dataclass(frozen=True)
+class ProcessExited:
+    """The child of a ready (or draining) model exited on its own."""
+
+    model_id: str
+    generation: int
+    returncode: int
+    log_tail: str = ""
+
+
+@dataclass(frozen=True)
+class StopFinished:
+    """A stop effect is done: the process is gone."""
+
+    model_id: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class Unload:
+    """Admin unload: drain, stop, then answer ``rid``. Also for pinned models."""
+
+    rid: int
+    model_id: str
+
+
+@dataclass(frozen=True)
+class TtlExpired:
+    model_id: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """``rid``'s queue wait is over (504 if still waiting)."""
+
+    rid: int
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Rule 10 seam: the model's measured use (GB); raises its learned reservation."""
+
+    model_id: str
+    gb: float
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Stop admitting; answer waiters 503; drain everything and stop every child."""
+
+
+Event = (
+    Acquire
+    | Release
+    | Cancel
+    | LoadFinished
+    | ProcessExited
+    | StopFinished
+    | Unload
+    | TtlExpired
+    | Deadline
+    | Measured
+    | Shutdown
+)
+
+
+class Notice(enum.Enum):
+    """What the core tells the outside world happened (logs, /events, metrics)."""
+
+    QUEUED = "queued"
+    ADMITTED = "admitted"
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    UNLOADING = "unloading"
+    UNLOADED = "unloaded"
+    LOAD_FAILED = "load_failed"
+    CRASHED = "crashed"
+    REJECTED = "rejected"
+
+
+class StopReason(enum.Enum):
+    PRIORITY = "priority"
+    """Evicted to make room for another model."""
+    TTL = "ttl"
+    ADMIN = "admin"
+    SHUTDOWN = "shutdown"
+
+
+class Effects(Protocol):
+    """How the core's decisions are carried out. The core calls these synchronously and never
+    waits on them; results come back as events. Tests replace this with a recorder."""
+
+    def start_load(self, model_id: str, generation: int) -> None:
+        """Spawn the child; post LoadFinished when ready or failed, ProcessExited if it dies."""
+
+    def stop(self, model_id: str, generation: int, reason: StopReason) -> None:
+        """Stop the child (SIGTERM, SIGKILL after stop_timeout); post StopFinished when gone."""
+
+    def grant(self, rid: int, model_id: str, generation: int) -> None:
+        """Hand ``rid`` its lease (model ready, counted in flight)."""
+
+    def answer(self, rid: int) -> None:
+        """Answer an admin load/unload waiter with success."""
+
+    def reject(self, rid: int, error: LlmuxError) -> None:
+        """Answer ``rid`` with an error."""
+
+    def call_at(self, when: float, event: Event) -> None:
+        """Post ``event`` at monotonic time ``when``."""
+
+    def notify(self, notice: Notice, model_id: str, reason: str) -> None:
+        """Something observable happened (the effect logs it once)."""

@@ -1,0 +1,100 @@
+"""Lifecycle enums and the records the scheduler core owns."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class ModelState(enum.Enum):
+    """Where one model's child process is. Transitions are checked by ``ModelRecord.move``."""
+
+    UNLOADED = "unloaded"
+    """No process; holds no reservation. Requests for it wait (``queued`` > 0) for a plan."""
+    LOADING = "loading"
+    """Process starting; reservation held. Its waiters count as in flight: it is never stopped."""
+    READY = "ready"
+    """Serving; leases are granted at once."""
+    DRAINING = "draining"
+    """Chosen for eviction; waits for its in-flight requests to finish. New requests wait."""
+    UNLOADING = "unloading"
+    """Stop sent (SIGTERM, then SIGKILL); reservation held until the process is gone."""
+
+
+RESIDENT = frozenset(
+    {ModelState.LOADING, ModelState.READY, ModelState.DRAINING, ModelState.UNLOADING}
+)
+"""States that hold a reservation (rule 1)."""
+DOOMED = frozenset({ModelState.DRAINING, ModelState.UNLOADING})
+"""Chosen for eviction: their reservation is on its way back."""
+SERVING = frozenset({ModelState.READY, ModelState.DRAINING})
+"""States whose process has leases in flight."""
+
+_LEGAL: dict[ModelState, frozenset[ModelState]] = {
+    ModelState.UNLOADED: frozenset({ModelState.LOADING}),
+    # A failed load goes back to UNLOADED; an admin unload of a loading model waits for ready.
+    ModelState.LOADING: frozenset({ModelState.READY, ModelState.UNLOADED}),
+    # READY -> UNLOADED is a crash.
+    ModelState.READY: frozenset({ModelState.DRAINING, ModelState.UNLOADING, ModelState.UNLOADED}),
+    ModelState.DRAINING: frozenset({ModelState.UNLOADING, ModelState.UNLOADED}),
+    ModelState.UNLOADING: frozenset({ModelState.UNLOADED}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+class WaiterKind(enum.Enum):
+    REQUEST = "request"
+    """A client request; granted a lease (in flight) when the model is ready."""
+    ADMIN_LOAD = "admin_load"
+    """POST /models/{id}/load; answered (no lease) when the model is ready."""
+    PRELOAD = "preload"
+    """A pinned model loading at start; nobody waits on it."""
+
+
+@dataclass
+class Waiter:
+    rid: int
+    model_id: str
+    kind: WaiterKind
+    enqueued_at: float
+    """Monotonic seconds."""
+
+
+@dataclass
+class ModelRecord:
+    """Scheduling state of one configured model. Owned by the scheduler core only."""
+
+    model_id: str
+    tier: str
+    tier_rank: int
+    protected: bool
+    pinned: bool
+    configured_gb: float
+    ttl: float | None
+    state: ModelState = ModelState.UNLOADED
+    generation: int = 0
+    """Bumped at each load start; events of an older generation are stale."""
+    in_flight: int = 0
+    learned_gb: float = 0.0
+    last_used: float | None = None
+    """Wall-clock time its last request was admitted."""
+    idle_since: float = 0.0
+    """Monotonic time it last became idle (for ttl)."""
+    last_error: str | None = None
+    pid: int | None = None
+    unload_requested: bool = False
+    waiters: list[int] = field(default_factory=list)
+    """Request ids waiting for this model, oldest first."""
+    unload_waiters: list[int] = field(default_factory=list)
+
+    @property
+    def reservation_gb(self) -> float:
+        return max(self.configured_gb, self.learned_gb)
+
+    def move(self, to: ModelState) -> None:
+        if to not in _LEGAL[self.state]:
+            raise IllegalTransition(f"{self.model_id}: {self.state.value} -> {to.value}")
+        self.state = to
