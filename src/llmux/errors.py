@@ -12,7 +12,9 @@ Nothing branches on message text.
     │   └── BodyTooLarge        413 invalid_request_error / body_too_large
     ├── AuthenticationFailed    401 authentication_error / invalid_api_key
     ├── PermissionDenied        403 permission_error / permission_error
+    ├── NotFound                404 invalid_request_error / not_found (no such route)
     ├── ModelNotFound           404 invalid_request_error / model_not_found
+    ├── MethodNotAllowed        405 invalid_request_error / method_not_allowed
     ├── QueueFull               429 rate_limit_error / queue_full
     ├── UpstreamError           502 upstream_error / upstream_error
     ├── InsufficientVram        503 insufficient_vram / insufficient_vram
@@ -74,6 +76,18 @@ class PermissionDenied(LlmuxError):
     status = 403
     type = "permission_error"
     code = "permission_error"
+
+
+class NotFound(LlmuxError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(LlmuxError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
 
 
 class ModelNotFound(LlmuxError):

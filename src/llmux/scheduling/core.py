@@ -97,7 +97,7 @@ class SchedulerCore:
 
     @property
     def reserved_gb(self) -> float:
-        return sum(m.reservation_gb for m in self.models.values() if m.state in RESIDENT)
+        return float(sum(m.reservation_gb for m in self.models.values() if m.state in RESIDENT))
 
     @property
     def queued_requests(self) -> int:
@@ -249,7 +249,8 @@ class SchedulerCore:
             m.pid = None
             m.last_error = ev.error
             m.unload_requested = False
-            self.effects.notify(Notice.LOAD_FAILED, m.model_id, ev.error.splitlines()[0])
+            first_line = ev.error.splitlines()[0] if ev.error else "load failed"
+            self.effects.notify(Notice.LOAD_FAILED, m.model_id, first_line)
             for w in self._take_waiters(m):
                 self.effects.reject(
                     w.rid, ModelLoadFailed(f"model '{m.model_id}' failed to load: {ev.error}")

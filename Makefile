@@ -1,0 +1,26 @@
+# The two Quickstart commands: `make serve` and `make test`. Each installs what it needs first.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+# llama-cpp-python compiles on install (no wheel on PyPI): portable build, no llava.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+export HF_HUB_OFFLINE = 1
+
+.PHONY: serve test install-engines install-dev lint
+
+install-engines:
+	$(PIP) install -q -e '.[engines]'
+
+install-dev:
+	$(PIP) install -q -e '.[engines,dev]'
+
+serve: install-engines
+	llmux serve
+
+lint: install-dev
+	ruff check src tests
+	ruff format --check src tests
+	mypy
+
+test: lint
+	$(PYTHON) -m pytest

@@ -1,0 +1,3 @@
+from llmux.cli import main
+
+raise SystemExit(main())

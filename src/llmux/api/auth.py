@@ -1,0 +1,64 @@
+"""API and admin keys, compared in constant time."""
+
+from __future__ import annotations
+
+import enum
+import hmac
+
+from llmux.config import ServerConfig
+from llmux.errors import AuthenticationFailed, PermissionDenied
+
+
+class Access(enum.Enum):
+    OPEN = "open"
+    """/health: no key ever."""
+    READ = "read"
+    """/v1/*, /status, /metrics, /events, /: an api key (or an admin key) when keys are set."""
+    ADMIN = "admin"
+    """load, unload, logs: an admin key when admin keys are set, else as READ."""
+
+
+def _matches(key: str, keys: list[str]) -> bool:
+    # Compare against every key so the time does not depend on which one matched.
+    found = False
+    for k in keys:
+        found |= hmac.compare_digest(key.encode(), k.encode())
+    return found
+
+
+def bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+class Authenticator:
+    def __init__(self, server: ServerConfig) -> None:
+        self.api_keys = list(server.api_keys)
+        self.admin_keys = list(server.admin_keys)
+
+    def check(self, access: Access, authorization: str | None) -> None:
+        """Raise AuthenticationFailed (401) or PermissionDenied (403), or return."""
+        if access is Access.OPEN:
+            return
+        key = bearer(authorization)
+        if access is Access.ADMIN and self.admin_keys:
+            if key is None:
+                raise AuthenticationFailed("an admin API key is required (Authorization: Bearer)")
+            if _matches(key, self.admin_keys):
+                return
+            if _matches(key, self.api_keys):
+                raise PermissionDenied("this key may not load, unload or read logs")
+            raise AuthenticationFailed("invalid API key")
+        if not self.api_keys and not self.admin_keys:
+            return
+        if access is Access.READ and not self.api_keys:
+            return
+        if key is None:
+            raise AuthenticationFailed("an API key is required (Authorization: Bearer)")
+        if _matches(key, self.api_keys) | _matches(key, self.admin_keys):
+            return
+        raise AuthenticationFailed("invalid API key")

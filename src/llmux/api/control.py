@@ -1,0 +1,104 @@
+"""The control plane (FastAPI): health, status, models, admin load/unload. Thin routes."""
+
+from __future__ import annotations
+
+import html
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmux.api.auth import Access, Authenticator
+from llmux.errors import InvalidRequest, LlmuxError, MethodNotAllowed, NotFound
+from llmux.scheduling.runtime import Scheduler
+
+
+def _error_response(error: LlmuxError) -> JSONResponse:
+    return JSONResponse(error.envelope(), status_code=error.status)
+
+
+def build_control(scheduler: Scheduler, auth: Authenticator) -> FastAPI:
+    app = FastAPI(title="llmux", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def reader(authorization: Annotated[str | None, Header()] = None) -> None:
+        auth.check(Access.READ, authorization)
+
+    def admin(authorization: Annotated[str | None, Header()] = None) -> None:
+        auth.check(Access.ADMIN, authorization)
+
+    @app.exception_handler(LlmuxError)
+    async def _llmux_error(_: Request, exc: LlmuxError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request"}
+        return _error_response(InvalidRequest(str(first.get("msg"))))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 405:
+            return _error_response(MethodNotAllowed("method not allowed on this path"))
+        return _error_response(NotFound("no such route"))
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/status", dependencies=[Depends(reader)])
+    async def status() -> dict[str, Any]:
+        return scheduler.status()
+
+    @app.get("/v1/models", dependencies=[Depends(reader)])
+    async def models() -> dict[str, Any]:
+        by_id = {m["id"]: m for m in scheduler.status()["models"]}
+        data = []
+        for model_id, m in scheduler.config.models.items():
+            s = by_id[model_id]
+            extra = {
+                "type": m.type,
+                "tier": s["tier"],
+                "state": s["state"],
+                "vram_gb": s["vram_gb"],
+                "in_flight": s["in_flight"],
+            }
+            for name in [model_id, *m.aliases]:
+                data.append(
+                    {
+                        "id": name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "llmux",
+                        "llmux": {**extra, "alias_of": None if name == model_id else model_id},
+                    }
+                )
+        return {"object": "list", "data": data}
+
+    @app.post("/models/{name}/load", dependencies=[Depends(admin)])
+    async def load(name: str) -> dict[str, Any]:
+        model_id = scheduler.resolve(name)
+        await scheduler.load(model_id)
+        return {"id": model_id, "state": scheduler.core.models[model_id].state.value}
+
+    @app.post("/models/{name}/unload", dependencies=[Depends(admin)])
+    async def unload(name: str) -> dict[str, Any]:
+        model_id = scheduler.resolve(name)
+        await scheduler.unload(model_id)
+        return {"id": model_id, "state": scheduler.core.models[model_id].state.value}
+
+    @app.get("/", dependencies=[Depends(reader)], response_class=HTMLResponse)
+    async def page() -> str:
+        rows = "".join(
+            f"<tr><td>{html.escape(m['id'])}</td><td>{m['tier']}</td><td>{m['state']}</td>"
+            f"<td>{m['vram_gb']:g}</td><td>{m['in_flight']}</td><td>{m['queued']}</td></tr>"
+            for m in scheduler.status()["models"]
+        )
+        return (
+            "<!doctype html><meta name=viewport content='width=device-width'>"
+            "<title>llmux</title><h1>llmux</h1><table><tr><th>model<th>tier<th>state"
+            f"<th>GB<th>in flight<th>queued</tr>{rows}</table>"
+        )
+
+    return app

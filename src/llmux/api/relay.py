@@ -1,0 +1,278 @@
+"""The hot path: OpenAI routes relayed to the model's child, as raw ASGI.
+
+Per request: authenticate, read the body (bounded), read only ``model`` from it, take a lease
+from the scheduler, pass the bytes to the child over one shared keep-alive aiohttp session, and
+pass the answer back chunk by chunk. A client that goes away cancels the upstream request and
+releases the lease; a child that dies mid-stream ends an SSE stream with an ``error`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import aiohttp
+import orjson
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from llmux.api.auth import Access, Authenticator
+from llmux.errors import BodyTooLarge, InvalidRequest, LlmuxError, UpstreamError
+from llmux.scheduling.runtime import Lease, Scheduler
+
+log = logging.getLogger("llmux.relay")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+RELAY_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/audio/speech",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+    }
+)
+
+# Headers not passed between client and child (hop-by-hop, or llmux's own credentials).
+_DROP_REQUEST = frozenset(
+    {
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"authorization",
+        b"content-length",
+        b"upgrade",
+        b"te",
+        b"proxy-authorization",
+        b"expect",
+    }
+)
+_DROP_RESPONSE = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "upgrade", "te", "trailer", "server", "date"}
+)
+
+
+async def send_error(send: Send, error: LlmuxError) -> None:
+    body = orjson.dumps(error.envelope())
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def sse_error(error: LlmuxError) -> bytes:
+    return b"event: error\ndata: " + orjson.dumps(error.envelope()) + b"\n\n"
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope["headers"]:
+        if k == name:
+            return bytes(v).decode("latin-1")
+    return None
+
+
+def _multipart_model(body: bytes, content_type: str) -> str | None:
+    """The ``model`` form field of a multipart body, without touching the file parts' bytes."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise InvalidRequest("multipart body without a boundary")
+    state: dict[str, Any] = {"name": None, "value": bytearray(), "found": None, "header": b""}
+    headers: dict[bytes, bytes] = {}
+    field: list[bytes] = []
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        field.append(data[start:end])
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["header"] += data[start:end]
+
+    def on_header_end() -> None:
+        headers[b"".join(field).lower()] = state["header"]
+        field.clear()
+        state["header"] = b""
+
+    def on_headers_finished() -> None:
+        _, disp = parse_options_header(headers.get(b"content-disposition", b""))
+        state["name"] = disp.get(b"name")
+        state["value"] = bytearray()
+        headers.clear()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if state["name"] == b"model":
+            state["value"] += data[start:end]
+
+    def on_part_end() -> None:
+        if state["name"] == b"model" and state["found"] is None:
+            state["found"] = bytes(state["value"]).decode("utf-8", "replace").strip()
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
+    try:
+        parser.write(body)
+        parser.finalize()
+    except Exception as exc:
+        raise InvalidRequest(f"malformed multipart body: {exc}") from None
+    found: str | None = state["found"]
+    return found
+
+
+class Relay:
+    """Raw-ASGI handler for RELAY_PATHS."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        auth: Authenticator,
+        max_body: int,
+        session: Callable[[], aiohttp.ClientSession],
+    ) -> None:
+        self.scheduler = scheduler
+        self.auth = auth
+        self.max_body = max_body
+        self._session = session
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            self.auth.check(Access.READ, _header(scope, b"authorization"))
+            body = await self._read_body(scope, receive)
+            if body is None:
+                return  # the client went away before sending its whole body
+            model_name, body = self._model_of(scope, body)
+            model_id = self.scheduler.resolve(model_name)
+        except LlmuxError as exc:
+            await send_error(send, exc)
+            return
+        # From here the client may go away at any time: watch for it and cancel the work.
+        work = asyncio.create_task(self._serve(scope, send, model_id, body))
+        watch = asyncio.create_task(_wait_disconnect(receive))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Client gone, or this handler cancelled (server shutdown): stop the work too.
+            for task in (watch, work):
+                task.cancel()
+            for task in (watch, work):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        length = _header(scope, b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise BodyTooLarge(f"request body is {length} bytes; the limit is {self.max_body}")
+        chunks = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks += message.get("body", b"")
+            if len(chunks) > self.max_body:
+                raise BodyTooLarge(f"request body is over the limit of {self.max_body} bytes")
+            if not message.get("more_body", False):
+                return bytes(chunks)
+
+    def _model_of(self, scope: Scope, body: bytes) -> tuple[str, bytes]:
+        """The requested model name, and the body to relay (model rewritten if configured)."""
+        content_type = _header(scope, b"content-type") or ""
+        if content_type.startswith("multipart/form-data"):
+            model = _multipart_model(body, content_type)
+            if not model:
+                raise InvalidRequest("the form field 'model' is required", param="model")
+            return model, body
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidRequest("the body must be a JSON object")
+        model = data.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("'model' is required and must be a string", param="model")
+        model_id = self.scheduler.config.resolve(model)
+        if model_id is not None:
+            upstream = self.scheduler.config.models[model_id].upstream_model
+            if upstream is not None and upstream != model:
+                data["model"] = upstream
+                body = orjson.dumps(data)
+        return model, body
+
+    async def _serve(self, scope: Scope, send: Send, model_id: str, body: bytes) -> None:
+        try:
+            lease = await self.scheduler.acquire(model_id)
+        except LlmuxError as exc:
+            await send_error(send, exc)
+            return
+        try:
+            await self._forward(scope, send, lease, body)
+        finally:
+            self.scheduler.release(lease)
+
+    async def _forward(self, scope: Scope, send: Send, lease: Lease, body: bytes) -> None:
+        url = lease.base_url + scope["path"]
+        if scope.get("query_string"):
+            url += "?" + scope["query_string"].decode("latin-1")
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope["headers"]
+            if k not in _DROP_REQUEST
+        ]
+        started = False
+        sse = False
+        try:
+            async with self._session().post(url, data=body, headers=headers) as resp:
+                out_headers = [
+                    (k.lower().encode("latin-1"), v.encode("latin-1"))
+                    for k, v in resp.headers.items()
+                    if k.lower() not in _DROP_RESPONSE
+                ]
+                sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+                await send(
+                    {"type": "http.response.start", "status": resp.status, "headers": out_headers}
+                )
+                started = True
+                async for chunk in resp.content.iter_any():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            error = UpstreamError(
+                f"model '{lease.model_id}' failed mid-request: {type(exc).__name__}: {exc}"
+            )
+            log.warning("upstream error model=%s: %s", lease.model_id, exc)
+            if not started:
+                await send_error(send, error)
+            elif sse:
+                await send({"type": "http.response.body", "body": sse_error(error)})
+            else:
+                # Headers are out and the body is not SSE: all we can do is cut the response.
+                raise
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

