@@ -79,9 +79,7 @@ def _require(engine: str, model: str, modules: list[str]) -> None:
         pytest.skip(str(e))
 
 
-def _start(
-    engine: str, model: str, args: dict[str, Any], log_dir: Path
-) -> Iterator[Server]:
+def _start(engine: str, model: str, args: dict[str, Any], log_dir: Path) -> Iterator[Server]:
     port = _free_port()
     argv = [a.replace(PORT_PLACEHOLDER, str(port)) for a in engine_argv(engine, model, args)]
     env = engine_env(engine, os.environ)
@@ -363,7 +361,7 @@ def test_speech_compressed_formats(piper: Server, whisper: Server) -> None:
     magic = {"mp3": (b"ID3", b"\xff\xf3", b"\xff\xfb", b"\xff\xf2"), "opus": (b"OggS",),
              "aac": (b"\xff\xf1", b"\xff\xf9"), "flac": (b"fLaC",)}  # fmt: skip
     usable = {fmt: r.content for fmt, r in results.items() if r.status_code == 200}
-    for fmt, r in results.items():
+    for r in results.values():
         if r.status_code != 200:
             assert r.status_code == 400
             assert "pip install" in r.json()["error"]["message"]

@@ -400,6 +400,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--exit-at-start", type=int, metavar="CODE")
     parser.add_argument("--spawn-grandchild", action="store_true")
+    parser.add_argument(
+        "--announce", metavar="DIR", help="write DIR/NAME.port so a test can reach /_wait"
+    )
     args = parser.parse_args(argv)
 
     if args.exit_at_start is not None:
@@ -415,6 +418,11 @@ def main(argv: list[str] | None = None) -> None:
         state.grandchild_pid = subprocess.Popen(["sleep", "1000"]).pid
 
     print(f"upstream {args.name} pid {os.getpid()} port {args.port}", flush=True)
+    if args.announce:
+        target = os.path.join(args.announce, f"{args.name}.port")
+        with open(target + ".tmp", "w") as f:
+            f.write(str(args.port))
+        os.replace(target + ".tmp", target)
     config = uvicorn.Config(
         make_app(state),
         host=args.host,

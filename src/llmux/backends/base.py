@@ -22,7 +22,10 @@ class LaunchSpec:
     ready_timeout: float = 300.0
     stop_timeout: float = 10.0
     env: dict[str, str] = field(default_factory=dict)
-    """Extra environment on top of llmux's own."""
+    """Extra environment on top of llmux's own (or the whole of it, see ``inherit_env``)."""
+    inherit_env: bool = True
+    """False: ``env`` is the child's entire environment (engines that must not see some of
+    llmux's variables)."""
 
 
 class LaunchFailed(Exception):

@@ -271,7 +271,7 @@ class ProcessLauncher:
             raise LaunchFailed(f"{spec.model_id}: empty command", [])
         port = _free_port(self._host)
         argv = [arg.replace("${PORT}", str(port)) for arg in spec.argv]
-        env = {**os.environ, **spec.env}
+        env = {**os.environ, **spec.env} if spec.inherit_env else dict(spec.env)
         loop = asyncio.get_running_loop()
         protocol = _ChildProtocol(spec.model_id, self._log_lines, self._logger)
         try:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "PORT_PLACEHOLDER",
     "EngineError",
     "engine_argv",
+    "engine_env",
     "engine_health_path",
     "packaged_names",
     "resolve_model",
@@ -40,7 +41,7 @@ HOST = "127.0.0.1"
 
 ENGINES = ("llama-cpp", "faster-whisper", "piper")
 
-_Render = Callable[[str, Any], list[str]]
+_Render = Callable[[str, str, Any], list[str]]
 
 
 def _kind_error(engine: str, key: str, value: Any, expected: str) -> EngineError:
@@ -165,6 +166,48 @@ _ALLOWED: dict[str, dict[str, _Render]] = {
     "piper": _PIPER_ARGS,
 }
 _ALIASES: dict[str, dict[str, str]] = {"llama-cpp": _LLAMA_CPP_ALIASES}
+
+
+# llama_cpp.server reads its settings from the environment too (pydantic-settings, any case), and
+# PORT, HOST and CONFIG_FILE even override its command line: a PORT=8080 set for llmux itself (as
+# many platforms do) would make every child try port 8080. These never reach its children.
+_LLAMA_CPP_ENV = frozenset(
+    {
+        *_LLAMA_CPP_ARGS,
+        "model",
+        "host",
+        "port",
+        "config_file",
+        "api_key",
+        "ssl_keyfile",
+        "ssl_certfile",
+        "root_path",
+        "numa",
+        "hf_tokenizer_config_path",
+        "hf_pretrained_model_name_or_path",
+        "hf_model_repo_id",
+        "yarn_ext_factor",
+        "yarn_attn_factor",
+        "yarn_beta_fast",
+        "yarn_beta_slow",
+        "yarn_orig_ctx",
+        "mul_mat_q",
+        "vocab_only",
+        "rpc_servers",
+    }
+)
+
+
+def engine_env(engine: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment for an engine's child, from llmux's own ``environ``.
+
+    For ``llama-cpp`` it drops the variables llama_cpp.server would take as its settings (``PORT``,
+    ``HOST``, ``API_KEY``, ``N_CTX``, ... in any case); the others get ``environ`` as is.
+    """
+    _check_engine(engine)
+    if engine != "llama-cpp":
+        return dict(environ)
+    return {k: v for k, v in environ.items() if k.lower() not in _LLAMA_CPP_ENV}
 
 
 def engine_health_path(engine: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import shlex
 import time
 from collections.abc import Callable
@@ -54,20 +55,27 @@ class Lease:
 def launch_spec(model_id: str, m: ModelConfig) -> LaunchSpec:
     """The child's command line, from config only. ``cmd`` is split with shlex, never a shell."""
     if m.cmd is not None:
-        argv = shlex.split(m.cmd)
-    else:
-        from llmux.engines import engine_argv  # engines are optional; import only when used
+        return LaunchSpec(
+            model_id=model_id,
+            argv=tuple(shlex.split(m.cmd)),
+            health=m.health,
+            ready_timeout=m.ready_timeout,
+            stop_timeout=m.stop_timeout,
+            env=dict(m.env),
+        )
+    # Engines are optional (the `engines` extra): import only when one is used.
+    from llmux.engines import engine_argv, engine_env, engine_health_path
 
-        assert m.engine is not None
-        assert m.model is not None
-        argv = engine_argv(m.engine, m.model, m.args)
+    assert m.engine is not None
+    assert m.model is not None
     return LaunchSpec(
         model_id=model_id,
-        argv=tuple(argv),
-        health=m.health,
+        argv=tuple(engine_argv(m.engine, m.model, m.args)),
+        health=m.health if "health" in m.model_fields_set else engine_health_path(m.engine),
         ready_timeout=m.ready_timeout,
         stop_timeout=m.stop_timeout,
-        env=dict(m.env),
+        env={**engine_env(m.engine, os.environ), **m.env},
+        inherit_env=False,
     )
 
 

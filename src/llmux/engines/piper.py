@@ -1,0 +1,533 @@
+"""An OpenAI-shaped text-to-speech server around piper-tts, run as one model's child.
+
+    python -m llmux.engines.piper --model VOICE.onnx [--config VOICE.onnx.json] --port N
+        [--host 127.0.0.1] [--speaker NAME_OR_ID] [--use-cuda]
+
+The voice loads before the server listens, so ``GET /health`` answers 200 only once it is loaded.
+``POST /v1/audio/speech`` takes OpenAI's JSON (``input``, ``voice``, ``speed``,
+``response_format``; ``model`` and ``instructions`` are ignored) and streams the audio as it is
+synthesized, sentence by sentence: a blocking worker thread runs ``voice.synthesize`` and hands
+each chunk to the response through a queue.
+
+Formats: ``wav`` (a streaming header whose sizes say "unknown", 0xFFFFFFFF, then 16-bit mono PCM)
+and ``pcm`` (raw 16-bit little-endian mono at the voice's own rate, given in ``X-Sample-Rate``;
+22050 Hz for the packaged voice, where OpenAI's own is 24000) always; ``mp3``, ``opus`` (Ogg),
+``aac`` (ADTS) and ``flac`` when PyAV (``pip install av``; faster-whisper brings it) has an encoder
+for them. Voices: OpenAI's names and the voice's own name speak with the default speaker; a
+multi-speaker voice also takes its speaker names. Errors are OpenAI's envelope.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import struct
+import sys
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from llmux.errors import InvalidRequest, LlmuxError
+
+log = logging.getLogger("llmux.engines.piper")
+
+OPENAI_VOICES = frozenset(
+    [
+        "alloy",
+        "ash",
+        "ballad",
+        "coral",
+        "echo",
+        "fable",
+        "nova",
+        "onyx",
+        "sage",
+        "shimmer",
+        "verse",
+        "marin",
+        "cedar",
+    ]
+)
+MIN_SPEED, MAX_SPEED = 0.25, 4.0
+
+MEDIA_TYPES = {
+    "wav": "audio/wav",
+    "pcm": "audio/pcm",
+    "mp3": "audio/mpeg",
+    "opus": "audio/ogg",
+    "aac": "audio/aac",
+    "flac": "audio/flac",
+}
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How PyAV writes one compressed format."""
+
+    container: str
+    codecs: tuple[str, ...]
+    """Encoder names to try, best first."""
+    rate: int | None
+    """Output sample rate; None keeps the voice's own."""
+    bit_rate: int | None
+    """Target bits per second for a lossy codec (mono speech)."""
+
+
+ENCODINGS: dict[str, Encoding] = {
+    "mp3": Encoding("mp3", ("libmp3lame", "mp3"), None, 64_000),
+    "opus": Encoding("ogg", ("libopus", "opus"), 48000, 32_000),
+    "aac": Encoding("adts", ("aac",), None, 64_000),
+    "flac": Encoding("flac", ("flac",), None, None),
+}
+
+
+def available_encoders() -> dict[str, str]:
+    """Compressed format -> the PyAV encoder that can write it (empty without PyAV)."""
+    try:
+        import av
+    except ImportError:
+        return {}
+    found: dict[str, str] = {}
+    for fmt, enc in ENCODINGS.items():
+        for name in enc.codecs:
+            try:
+                av.Codec(name, "w")
+            except Exception:
+                continue
+            found[fmt] = name
+            break
+    return found
+
+
+def wav_header(sample_rate: int, channels: int = 1, sample_width: int = 2) -> bytes:
+    """A WAV header for a stream of unknown length: RIFF and data sizes are 0xFFFFFFFF."""
+    unknown = 0xFFFFFFFF
+    block_align = channels * sample_width
+    return (
+        b"RIFF"
+        + struct.pack("<I", unknown)
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack(
+            "<IHHIIHH",
+            16,
+            1,  # PCM
+            channels,
+            sample_rate,
+            sample_rate * block_align,
+            block_align,
+            sample_width * 8,
+        )
+        + b"data"
+        + struct.pack("<I", unknown)
+    )
+
+
+class _Sink:
+    """A write-only, unseekable file for PyAV: it collects what the muxer writes."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self._buf += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
+
+
+class _Encoder:
+    """Encodes 16-bit mono PCM chunks to a compressed format as they come (PyAV)."""
+
+    def __init__(self, fmt: str, codec: str, sample_rate: int) -> None:
+        import av
+
+        self._av = av
+        enc = ENCODINGS[fmt]
+        self._rate = sample_rate
+        self._sink = _Sink()
+        # Small buffer, flushed per packet: bytes leave as soon as a frame is encoded.
+        self._container = av.open(
+            self._sink,
+            mode="w",
+            format=enc.container,
+            buffer_size=4096,
+            container_options={"flush_packets": "1"},
+        )
+        stream = self._container.add_stream(codec, rate=enc.rate or sample_rate)
+        assert isinstance(stream, av.audio.stream.AudioStream)
+        stream.layout = "mono"
+        if enc.bit_rate:
+            stream.bit_rate = enc.bit_rate
+        self._stream = stream
+        self._pts = 0
+
+    def encode(self, pcm: bytes) -> bytes:
+        import numpy as np
+
+        samples = np.frombuffer(pcm, dtype="<i2").reshape(1, -1)
+        frame = self._av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = self._rate
+        frame.pts = self._pts
+        self._pts += samples.shape[1]
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        return self._sink.take()
+
+    def finish(self) -> bytes:
+        for packet in self._stream.encode(None):
+            self._container.mux(packet)
+        self._container.close()
+        return self._sink.take()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._container.close()
+
+
+@dataclass(frozen=True)
+class SpeechJob:
+    text: str
+    speaker_id: int | None
+    length_scale: float
+    response_format: str
+
+
+class Speaker:
+    """Owns the loaded voice; ``stream`` is blocking and runs in the worker thread."""
+
+    def __init__(
+        self,
+        voice: Any,
+        *,
+        names: Sequence[str],
+        default_speaker: int | str | None = None,
+    ) -> None:
+        self.voice = voice
+        config = voice.config
+        self.sample_rate = int(config.sample_rate)
+        self.speakers: dict[str, int] = dict(getattr(config, "speaker_id_map", None) or {})
+        self.num_speakers = int(getattr(config, "num_speakers", 1) or 1)
+        self.base_length_scale = float(getattr(config, "length_scale", 1.0) or 1.0)
+        self.own_names = {n for n in names if n}
+        self.default_speaker = self._speaker(default_speaker) if default_speaker else None
+        self.encoders = available_encoders()
+
+    def _speaker(self, value: int | str) -> int:
+        if isinstance(value, str) and value in self.speakers:
+            return self.speakers[value]
+        try:
+            sid = int(value)
+        except ValueError:
+            raise ValueError(
+                f"unknown speaker {value!r}; speakers: {', '.join(self.speakers) or 'none'}"
+            ) from None
+        if not 0 <= sid < self.num_speakers:
+            raise ValueError(f"speaker id {sid} out of range 0..{self.num_speakers - 1}")
+        return sid
+
+    def voice_names(self) -> list[str]:
+        return sorted(OPENAI_VOICES | self.own_names | set(self.speakers))
+
+    def speaker_for(self, voice: str | None) -> int | None:
+        if voice is None or voice in OPENAI_VOICES or voice in self.own_names:
+            return self.default_speaker
+        if voice in self.speakers:
+            return self.speakers[voice]
+        raise InvalidRequest(
+            f"Unknown voice {voice!r}; this voice answers to: {', '.join(self.voice_names())}.",
+            param="voice",
+        )
+
+    def stream(self, job: SpeechJob, stop: threading.Event) -> Iterator[bytes]:
+        """The response body, chunk by chunk, as the voice synthesizes it."""
+        from piper import SynthesisConfig
+
+        syn_config = SynthesisConfig(speaker_id=job.speaker_id, length_scale=job.length_scale)
+        encoder: _Encoder | None = None
+        if job.response_format in ENCODINGS:
+            codec = self.encoders[job.response_format]
+            encoder = _Encoder(job.response_format, codec, self.sample_rate)
+        elif job.response_format == "wav":
+            yield wav_header(self.sample_rate)
+        try:
+            for chunk in self.voice.synthesize(job.text, syn_config=syn_config):
+                if stop.is_set():
+                    return
+                pcm: bytes = chunk.audio_int16_bytes
+                data = encoder.encode(pcm) if encoder else pcm
+                if data:
+                    yield data
+            if encoder:
+                tail = encoder.finish()
+                if tail:
+                    yield tail
+        finally:
+            if encoder:
+                encoder.close()
+
+
+def parse_speech(body: Any, speaker: Speaker) -> SpeechJob:
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    text = body.get("input")
+    if not isinstance(text, str):
+        raise InvalidRequest("'input' must be a string.", param="input")
+    if not text.strip():
+        raise InvalidRequest("'input' must not be empty.", param="input")
+
+    voice = body.get("voice")
+    if voice is not None and not isinstance(voice, str):
+        raise InvalidRequest("'voice' must be a string.", param="voice")
+    speaker_id = speaker.speaker_for(voice)
+
+    speed = body.get("speed", 1.0)
+    if speed is None:
+        speed = 1.0
+    if (
+        isinstance(speed, bool)
+        or not isinstance(speed, int | float)
+        or not math.isfinite(speed)
+        or not MIN_SPEED <= speed <= MAX_SPEED
+    ):
+        raise InvalidRequest(
+            f"'speed' must be a number from {MIN_SPEED} to {MAX_SPEED}, not {speed!r}.",
+            param="speed",
+        )
+
+    # OpenAI's default is mp3; without an mp3 encoder here, wav.
+    fmt = body.get("response_format") or ("mp3" if "mp3" in speaker.encoders else "wav")
+    if not isinstance(fmt, str) or fmt not in MEDIA_TYPES:
+        raise InvalidRequest(
+            f"Unsupported response_format {fmt!r}; use one of: {', '.join(MEDIA_TYPES)}.",
+            param="response_format",
+        )
+    if fmt in ENCODINGS and fmt not in speaker.encoders:
+        have = ", ".join(["wav", "pcm", *speaker.encoders])
+        raise InvalidRequest(
+            f"response_format {fmt!r} needs an audio encoder that is not installed here "
+            f"(PyAV with a {fmt} encoder: pip install av); available: {have}.",
+            param="response_format",
+        )
+
+    stream_format = body.get("stream_format")
+    if stream_format not in (None, "audio"):
+        raise InvalidRequest(
+            f"stream_format {stream_format!r} is not supported; only 'audio'.",
+            param="stream_format",
+        )
+    return SpeechJob(
+        text=text,
+        speaker_id=speaker_id,
+        length_scale=speaker.base_length_scale / float(speed),
+        response_format=fmt,
+    )
+
+
+_DONE = object()
+
+
+async def _run_streaming(
+    executor: ThreadPoolExecutor, produce: Callable[[threading.Event], Iterator[bytes]]
+) -> AsyncGenerator[bytes, None]:
+    """Run the blocking ``produce`` in ``executor``; yield its chunks as they come.
+
+    Closing the iterator (the client went away) tells the worker to stop after its current chunk.
+    An error in the worker is raised here.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[object] = asyncio.Queue()
+    stop = threading.Event()
+
+    def put(item: object) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def work() -> None:
+        if stop.is_set():
+            return
+        try:
+            for data in produce(stop):
+                put(data)
+                if stop.is_set():
+                    break
+        except BaseException as e:
+            put(e)
+        finally:
+            put(_DONE)
+
+    future = loop.run_in_executor(executor, work)
+    try:
+        while True:
+            item = await queue.get()
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, bytes)
+            yield item
+    finally:
+        stop.set()
+        if future.done():
+            future.result()
+
+
+def _envelope(status: int, message: str, type_: str, code: str | None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+async def _on_llmux_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, LlmuxError)
+    return JSONResponse(exc.envelope(), status_code=exc.status)
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    code = "not_found" if exc.status_code == 404 else None
+    return _envelope(exc.status_code, str(exc.detail), type_, code)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error in %s %s", request.method, request.url.path)
+    return _envelope(
+        500, f"Internal error in the piper engine: {type(exc).__name__}", "server_error", None
+    )
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    LlmuxError: _on_llmux_error,
+    HTTPException: _on_http_error,
+    Exception: _on_unexpected,
+}
+
+
+def create_app(speaker: Speaker, model_id: str = "piper") -> Starlette:
+    """The ASGI app around an already loaded voice."""
+    # One synthesis at a time: espeak-ng (phonemes) keeps global state.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piper")
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": model_id})
+
+    async def models(request: Request) -> Response:
+        entry = {"id": model_id, "object": "model", "created": 0, "owned_by": "llmux"}
+        return JSONResponse({"object": "list", "data": [entry]})
+
+    async def voices(request: Request) -> Response:
+        return JSONResponse({"voices": speaker.voice_names(), "speakers": speaker.speakers})
+
+    async def speech(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise InvalidRequest("The request body must be JSON.") from None
+        job = parse_speech(body, speaker)
+        chunks = _run_streaming(executor, lambda stop: speaker.stream(job, stop))
+        # Wait for the first bytes so a failure before any audio is still a clean error.
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            first = b""
+
+        async def body_iter() -> AsyncIterator[bytes]:
+            try:
+                if first:
+                    yield first
+                async for data in chunks:
+                    yield data
+            finally:
+                await chunks.aclose()
+
+        headers = {"X-Sample-Rate": str(speaker.sample_rate)}
+        return StreamingResponse(
+            body_iter(), media_type=MEDIA_TYPES[job.response_format], headers=headers
+        )
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/audio/voices", voices, methods=["GET"]),
+        Route("/v1/audio/speech", speech, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
+
+
+def load_voice(model: str, config: str | None, use_cuda: bool) -> Any:
+    from piper import PiperVoice
+
+    return PiperVoice.load(model, config_path=config, use_cuda=use_cuda)
+
+
+def _dataset_name(config: str) -> list[str]:
+    """The voice's own short name (``dataset`` in its config, e.g. "joe"), if it has one."""
+    try:
+        with open(config, encoding="utf-8") as f:
+            dataset = json.load(f).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [dataset] if isinstance(dataset, str) else []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llmux.engines.piper", description=__doc__)
+    parser.add_argument("--model", required=True, help="the voice's .onnx file")
+    parser.add_argument("--config", default=None, help="its .onnx.json (default: MODEL.json)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--speaker", default=None, help="default speaker (name or id)")
+    parser.add_argument(
+        "--use-cuda",
+        type=lambda v: v.lower() in ("1", "true", "yes", "on"),
+        nargs="?",
+        const=True,
+        default=False,
+    )
+    parser.add_argument("--model-id", default=None, help="id reported by /v1/models")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    name = os.path.basename(args.model).removesuffix(".onnx")
+    started = time.monotonic()
+    config = args.config or f"{args.model}.json"
+    try:
+        voice = load_voice(args.model, config, args.use_cuda)
+        speaker = Speaker(voice, names=[name, *_dataset_name(config)], default_speaker=args.speaker)
+    except Exception as e:
+        print(f"llmux.engines.piper: cannot load {args.model}: {e}", file=sys.stderr)
+        return 1
+    formats = ", ".join(["wav", "pcm", *speaker.encoders])
+    print(
+        f"llmux.engines.piper: loaded {name} ({speaker.sample_rate} Hz, formats: {formats}) in "
+        f"{time.monotonic() - started:.2f}s; serving on {args.host}:{args.port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    app = create_app(speaker, args.model_id or name)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
