@@ -366,12 +366,7 @@ def test_sigterm_stops_children(start_server: StartServer, tmp_path: Path) -> No
     chat(server.client(), "a")
     pid = server.model("a")["pid"]
     assert server.stop() in (0, -15)  # uvicorn re-raises SIGTERM after a clean shutdown
-    # The child was stopped before llmux exited (a zombie would have a 'Z' state).
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            assert f.read().split()[2] == "Z"
-    except FileNotFoundError:
-        pass
+    assert _gone(pid)  # stopped before llmux exited, not left to the parent-death signal
 
 
 # ---------------------------------------------------------------- errors and auth
@@ -430,3 +425,41 @@ def test_default_bind_is_loopback() -> None:
 
     assert Config().server.host == "127.0.0.1"
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] == "Z"  # a zombie is dead; PID 1 here may not reap it
+    except FileNotFoundError:
+        return True
+
+
+def test_stop_that_hangs_is_killed(start_server: StartServer, tmp_path: Path) -> None:
+    cfg = f"""
+gpu: {{vram_gb: 4, reserve_gb: 0}}
+models:
+  stubborn:
+    type: llm
+    vram_gb: 3
+    stop_timeout: 500ms
+    cmd: {upstream_cmd(tmp_path, "stubborn", "--ignore-sigterm")}
+  b: {{type: llm, vram_gb: 3, cmd: "{upstream_cmd(tmp_path, "b")}"}}
+"""
+    server = start_server(cfg)
+    client = server.client()
+    assert chat(client, "stubborn") == "stubborn got stubborn"
+    pid = server.model("stubborn")["pid"]
+    assert chat(client, "b") == "b got b"  # waited for SIGKILL of the stubborn one
+    assert _gone(pid)
+    assert server.model("stubborn")["state"] == "unloaded"
+    assert server.status()["vram"]["reserved_gb"] == 3
+
+
+def test_children_die_with_llmux(start_server: StartServer, tmp_path: Path) -> None:
+    server = start_server(two_llms(tmp_path))
+    chat(server.client(), "a")
+    pid = server.model("a")["pid"]
+    server.proc.kill()  # SIGKILL: no chance to clean up; the parent-death signal does it
+    server.proc.wait()
+    wait_until(lambda: _gone(pid), 10, "the child to die with llmux")
