@@ -12,6 +12,7 @@ from llmux.api.relay import RELAY_PATHS, Receive, Relay, Scope, Send, send_error
 from llmux.backends.base import Launcher
 from llmux.config import Config
 from llmux.errors import MethodNotAllowed
+from llmux.observe import Observer
 from llmux.scheduling.runtime import Scheduler
 
 log = logging.getLogger("llmux")
@@ -23,15 +24,19 @@ class LlmuxApp:
     def __init__(self, config: Config, launcher: Launcher, *, budget_gb: float) -> None:
         self.config = config
         self.scheduler = Scheduler(config, launcher, budget_gb=budget_gb)
+        self.observer = Observer()
+        self.observer.bind(self.scheduler.gauges)
+        self.scheduler.listeners.append(self.observer.record)
         auth = Authenticator(config.server)
         self._session: aiohttp.ClientSession | None = None
         self.relay = Relay(
             self.scheduler,
             auth,
+            self.observer,
             max_body=int(config.server.max_upload_mb * 1_000_000),
             session=self.session,
         )
-        self.control = build_control(self.scheduler, auth)
+        self.control = build_control(self.scheduler, auth, self.observer)
 
     def session(self) -> aiohttp.ClientSession:
         assert self._session is not None, "the app has not started"

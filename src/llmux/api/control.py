@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import orjson
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmux.api.auth import Access, Authenticator
 from llmux.errors import InvalidRequest, LlmuxError, MethodNotAllowed, NotFound
+from llmux.observe import Observer, SchedulerEvent
 from llmux.scheduling.runtime import Scheduler
+
+LOG_FOLLOW_POLL_S = 0.25
+_NO_CACHE = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def _sse(event: SchedulerEvent) -> bytes:
+    return b"event: " + event.event.encode() + b"\ndata: " + orjson.dumps(event.as_dict()) + b"\n\n"
 
 
 def _error_response(error: LlmuxError) -> JSONResponse:
     return JSONResponse(error.envelope(), status_code=error.status)
 
 
-def build_control(scheduler: Scheduler, auth: Authenticator) -> FastAPI:
+def build_control(scheduler: Scheduler, auth: Authenticator, observer: Observer) -> FastAPI:
     app = FastAPI(title="llmux", docs_url=None, redoc_url=None, openapi_url=None)
 
     def reader(authorization: Annotated[str | None, Header()] = None) -> None:
@@ -87,6 +99,49 @@ def build_control(scheduler: Scheduler, auth: Authenticator) -> FastAPI:
         model_id = scheduler.resolve(name)
         await scheduler.unload(model_id)
         return {"id": model_id, "state": scheduler.core.models[model_id].state.value}
+
+    @app.get("/metrics", dependencies=[Depends(reader)])
+    async def metrics() -> Response:
+        return Response(generate_latest(observer.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/events", dependencies=[Depends(reader)])
+    async def events(replay: bool = False) -> StreamingResponse:
+        queue = observer.subscribe()
+        backlog = list(observer.recent) if replay else []
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                yield b": llmux events\n\n"
+                for past in backlog:
+                    yield _sse(past)
+                while (event := await queue.get()) is not None:
+                    yield _sse(event)
+            finally:
+                observer.unsubscribe(queue)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=_NO_CACHE)
+
+    @app.get("/models/{name}/logs", dependencies=[Depends(admin)])
+    async def logs(name: str, follow: bool = False) -> Response:
+        model_id = scheduler.resolve(name)
+        child = scheduler.child(model_id)
+        if not follow:
+            return JSONResponse({"id": model_id, "lines": child.log_tail() if child else []})
+
+        async def tail() -> AsyncIterator[bytes]:
+            seen = 0
+            current = None
+            while True:
+                latest = scheduler.child(model_id)
+                if latest is not current:  # a new process: start from its first kept line
+                    current, seen = latest, 0
+                if current is not None:
+                    lines, seen = current.log_since(seen)
+                    if lines:
+                        yield ("\n".join(lines) + "\n").encode()
+                await asyncio.sleep(LOG_FOLLOW_POLL_S)
+
+        return StreamingResponse(tail(), media_type="text/plain; charset=utf-8", headers=_NO_CACHE)
 
     @app.get("/", dependencies=[Depends(reader)], response_class=HTMLResponse)
     async def page() -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -20,6 +21,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from llmux.api.auth import Access, Authenticator
 from llmux.errors import BodyTooLarge, InvalidRequest, LlmuxError, UpstreamError
+from llmux.observe import Observer
 from llmux.scheduling.runtime import Lease, Scheduler
 
 log = logging.getLogger("llmux.relay")
@@ -141,6 +143,16 @@ def _multipart_model(body: bytes, content_type: str) -> str | None:
     return found
 
 
+LOADING_COMMENT_EVERY_S = 2.0
+"""A streaming request that waits for a load gets ``: llmux loading <model>`` this often."""
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
 class Relay:
     """Raw-ASGI handler for RELAY_PATHS."""
 
@@ -148,11 +160,13 @@ class Relay:
         self,
         scheduler: Scheduler,
         auth: Authenticator,
+        observer: Observer,
         max_body: int,
         session: Callable[[], aiohttp.ClientSession],
     ) -> None:
         self.scheduler = scheduler
         self.auth = auth
+        self.observer = observer
         self.max_body = max_body
         self._session = session
 
@@ -162,13 +176,14 @@ class Relay:
             body = await self._read_body(scope, receive)
             if body is None:
                 return  # the client went away before sending its whole body
-            model_name, body = self._model_of(scope, body)
+            model_name, body, stream = self._model_of(scope, body)
             model_id = self.scheduler.resolve(model_name)
         except LlmuxError as exc:
+            self.observer.request_done("", scope["path"], exc.status, None)
             await send_error(send, exc)
             return
         # From here the client may go away at any time: watch for it and cancel the work.
-        work = asyncio.create_task(self._serve(scope, send, model_id, body))
+        work = asyncio.create_task(self._serve(scope, send, model_id, body, stream))
         watch = asyncio.create_task(_wait_disconnect(receive))
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -195,14 +210,15 @@ class Relay:
             if not message.get("more_body", False):
                 return bytes(chunks)
 
-    def _model_of(self, scope: Scope, body: bytes) -> tuple[str, bytes]:
-        """The requested model name, and the body to relay (model rewritten if configured)."""
+    def _model_of(self, scope: Scope, body: bytes) -> tuple[str, bytes, bool]:
+        """The requested model name, the body to relay (model rewritten if configured), and
+        whether the client asked for an SSE stream."""
         content_type = _header(scope, b"content-type") or ""
         if content_type.startswith("multipart/form-data"):
             model = _multipart_model(body, content_type)
             if not model:
                 raise InvalidRequest("the form field 'model' is required", param="model")
-            return model, body
+            return model, body, False
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -218,20 +234,76 @@ class Relay:
             if upstream is not None and upstream != model:
                 data["model"] = upstream
                 body = orjson.dumps(data)
-        return model, body
+        return model, body, data.get("stream") is True
 
-    async def _serve(self, scope: Scope, send: Send, model_id: str, body: bytes) -> None:
+    async def _serve(
+        self, scope: Scope, send: Send, model_id: str, body: bytes, stream: bool
+    ) -> None:
+        status = 0
+
+        async def tracked(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        started = time.monotonic()
+        queued: float | None = None
         try:
-            lease = await self.scheduler.acquire(model_id)
-        except LlmuxError as exc:
-            await send_error(send, exc)
-            return
-        try:
-            await self._forward(scope, send, lease, body)
+            lease, early = await self._acquire(tracked, model_id, stream)
+            queued = time.monotonic() - started
+            try:
+                await self._forward(scope, tracked, lease, body, headers_sent=early)
+            finally:
+                self.scheduler.release(lease)
+        except _Answered:
+            pass
         finally:
-            self.scheduler.release(lease)
+            self.observer.request_done(model_id, scope["path"], status or 499, queued)
 
-    async def _forward(self, scope: Scope, send: Send, lease: Lease, body: bytes) -> None:
+    async def _acquire(self, send: Send, model_id: str, stream: bool) -> tuple[Lease, bool]:
+        """The lease, and whether SSE headers already went out (loading feedback).
+
+        A streaming request that waits longer than LOADING_COMMENT_EVERY_S gets its 200 and SSE
+        headers early, then a comment line every LOADING_COMMENT_EVERY_S, so clients and proxies
+        do not time out during a load. Errors then arrive as an SSE ``error`` event.
+        """
+        if not stream:
+            try:
+                return await self.scheduler.acquire(model_id), False
+            except LlmuxError as exc:
+                await send_error(send, exc)
+                raise _Answered from None
+        task = asyncio.ensure_future(self.scheduler.acquire(model_id))
+        early = False
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=LOADING_COMMENT_EVERY_S)
+                if done:
+                    return task.result(), early
+                if not early:
+                    await send(
+                        {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}
+                    )
+                    early = True
+                comment = f": llmux loading {model_id}\n\n".encode()
+                await send({"type": "http.response.body", "body": comment, "more_body": True})
+        except LlmuxError as exc:
+            if early:
+                await send({"type": "http.response.body", "body": sse_error(exc)})
+            else:
+                await send_error(send, exc)
+            raise _Answered from None
+        except BaseException:
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled() and task.exception() is None:
+                self.scheduler.release(task.result())
+            raise
+
+    async def _forward(
+        self, scope: Scope, send: Send, lease: Lease, body: bytes, headers_sent: bool
+    ) -> None:
         url = lease.base_url + scope["path"]
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
@@ -240,20 +312,34 @@ class Relay:
             for k, v in scope["headers"]
             if k not in _DROP_REQUEST
         ]
-        started = False
-        sse = False
+        started = headers_sent
+        sse = headers_sent
         try:
             async with self._session().post(url, data=body, headers=headers) as resp:
-                out_headers = [
-                    (k.lower().encode("latin-1"), v.encode("latin-1"))
-                    for k, v in resp.headers.items()
-                    if k.lower() not in _DROP_RESPONSE
-                ]
-                sse = resp.headers.get("content-type", "").startswith("text/event-stream")
-                await send(
-                    {"type": "http.response.start", "status": resp.status, "headers": out_headers}
-                )
-                started = True
+                if headers_sent and resp.status != 200:
+                    # The 200 went out with the loading comments: the child's error becomes an
+                    # SSE error event.
+                    detail = (await resp.read()).decode("utf-8", "replace")[:2000]
+                    error = UpstreamError(
+                        f"model '{lease.model_id}' answered {resp.status}: {detail}"
+                    )
+                    await send({"type": "http.response.body", "body": sse_error(error)})
+                    return
+                if not headers_sent:
+                    out_headers = [
+                        (k.lower().encode("latin-1"), v.encode("latin-1"))
+                        for k, v in resp.headers.items()
+                        if k.lower() not in _DROP_RESPONSE
+                    ]
+                    sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": resp.status,
+                            "headers": out_headers,
+                        }
+                    )
+                    started = True
                 async for chunk in resp.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
@@ -269,6 +355,10 @@ class Relay:
             else:
                 # Headers are out and the body is not SSE: all we can do is cut the response.
                 raise
+
+
+class _Answered(Exception):
+    """The client already got its (error) answer; nothing more to send."""
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -62,6 +62,10 @@ class Child(Protocol):
         """The last lines (at most 50) the child wrote to stdout/stderr."""
         ...
 
+    def log_since(self, seen: int) -> tuple[list[str], int]:
+        """Lines after the first ``seen`` ones (as many as are still kept), and the new count."""
+        ...
+
     async def wait_exit(self) -> int:
         """Return the exit status once the process has exited (for any reason)."""
         ...

@@ -108,6 +108,8 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
         self._model_id = model_id
         self._logger = logger
         self.lines: deque[str] = deque(maxlen=max(log_lines, 1))
+        self.lines_total = 0
+        """Lines seen since start (for followers: what is new since they last looked)."""
         self._partial = bytearray()
         self.transport: asyncio.SubprocessTransport | None = None
         self.exited: asyncio.Future[int] = loop.create_future()
@@ -165,6 +167,7 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
         if "\r" in text:  # progress bars redraw with \r: keep what a terminal would show
             text = next((part for part in reversed(text.split("\r")) if part), "")
         self.lines.append(text)
+        self.lines_total += 1
         self._logger.debug("[%s] %s", self._model_id, text)
 
     def _close(self) -> None:
@@ -223,6 +226,11 @@ class ProcessChild:
 
     def log_tail(self) -> list[str]:
         return list(self._proto.lines)
+
+    def log_since(self, seen: int) -> tuple[list[str], int]:
+        lines, total = self._proto.lines, self._proto.lines_total
+        new = min(total - seen, len(lines))
+        return (list(lines)[len(lines) - new :] if new > 0 else []), total
 
     async def wait_exit(self) -> int:
         """The exit status, once the process has exited and its last output is read.

@@ -21,6 +21,7 @@ from typing import Any
 from llmux.backends.base import Child, Launcher, LaunchFailed, LaunchSpec
 from llmux.config import Config, ModelConfig
 from llmux.errors import LlmuxError, ModelNotFound
+from llmux.observe import ModelGauge, SchedulerEvent
 from llmux.scheduling.core import SchedulerCore
 from llmux.scheduling.events import (
     Acquire,
@@ -39,7 +40,7 @@ from llmux.scheduling.state import ModelState, WaiterKind
 
 log = logging.getLogger("llmux.scheduler")
 
-Listener = Callable[[Notice, str, str], None]
+Listener = Callable[[SchedulerEvent], None]
 
 
 @dataclass(frozen=True)
@@ -189,9 +190,10 @@ class Scheduler:
     async def unload(self, model_id: str) -> None:
         await self._wait(lambda rid: Unload(rid, model_id))
 
-    def log_tail(self, model_id: str) -> list[str]:
+    def child(self, model_id: str) -> Child | None:
+        """The model's current child, or its last one (exited: kept for its log lines)."""
         entry = self._children.get(model_id)
-        return entry[1].log_tail() if entry else []
+        return entry[1] if entry else None
 
     def status(self) -> dict[str, Any]:
         core = self.core
@@ -251,16 +253,38 @@ class Scheduler:
         asyncio.get_running_loop().call_later(max(0.0, when - self.clock()), self.post, event)
 
     def notify(self, notice: Notice, model_id: str, reason: str) -> None:
+        m = self.core.models[model_id]
+        event = SchedulerEvent(
+            ts=time.time(),
+            event=notice.value,
+            model=model_id,
+            tier=m.tier,
+            reason=reason,
+            state=m.state.value,
+            reserved_gb=round(self.core.reserved_gb, 6),
+            budget_gb=self.core.budget_gb,
+        )
         log.info(
-            "%s model=%s tier=%s reason=%s reserved_gb=%.2f",
+            "%s model=%s tier=%s reason=%s reserved_gb=%.2f/%.2f",
             notice.value,
             model_id,
-            self.core.models[model_id].tier,
+            m.tier,
             reason,
-            self.core.reserved_gb,
+            event.reserved_gb,
+            event.budget_gb,
+            extra={"llmux_event": event.as_dict()},
         )
         for listener in self.listeners:
-            listener(notice, model_id, reason)
+            listener(event)
+
+    def gauges(self) -> tuple[float, float, list[ModelGauge]]:
+        """(budget, reserved, per-model gauges) for /metrics, read at scrape time."""
+        core = self.core
+        models = [
+            ModelGauge(mid, m.tier, m.state, m.in_flight, len(m.waiters))
+            for mid, m in core.models.items()
+        ]
+        return core.budget_gb, core.reserved_gb, models
 
     # ------------------------------------------------------------------ slow work
 
@@ -290,6 +314,4 @@ class Scheduler:
         entry = self._children.get(model_id)
         if entry is not None and entry[0] == generation:
             await asyncio.shield(entry[1].stop(self.config.models[model_id].stop_timeout))
-            if self._children.get(model_id) is entry:
-                del self._children[model_id]
         self.post(StopFinished(model_id, generation))

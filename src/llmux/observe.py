@@ -1,0 +1,174 @@
+"""What llmux shows of itself: scheduler events (/events, logs) and Prometheus metrics (/metrics).
+
+The scheduler's effects call ``Observer.record`` once per decision; the relay calls
+``request_done`` once per request. Metric names are part of the public contract (README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from llmux.scheduling.events import Notice
+from llmux.scheduling.state import ModelState
+
+EVICTION_REASONS = frozenset({"priority", "ttl", "admin", "crash", "reload"})
+
+
+@dataclass(frozen=True)
+class SchedulerEvent:
+    """One line of /events: what happened, to whom, why, and the VRAM after it."""
+
+    ts: float
+    event: str
+    model: str
+    tier: str
+    reason: str
+    state: str
+    reserved_gb: float
+    budget_gb: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelGauge:
+    model: str
+    tier: str
+    state: ModelState
+    in_flight: int
+    queued: int
+
+
+class _StateCollector(Collector):
+    """Gauges read from the scheduler at scrape time (no double bookkeeping)."""
+
+    def __init__(self, observer: Observer) -> None:
+        self.observer = observer
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        budget, reserved, models = self.observer.snapshot()
+        yield GaugeMetricFamily(
+            "llmux_vram_budget_bytes", "VRAM budget (total less reserve)", value=budget * 1e9
+        )
+        yield GaugeMetricFamily(
+            "llmux_vram_reserved_bytes",
+            "Sum of reservations of loading, ready, draining and unloading models",
+            value=reserved * 1e9,
+        )
+        state = GaugeMetricFamily(
+            "llmux_model_state",
+            "1 for the model's current state",
+            labels=["model", "tier", "state"],
+        )
+        in_flight = GaugeMetricFamily("llmux_in_flight", "Requests in flight", labels=["model"])
+        depth = GaugeMetricFamily("llmux_queue_depth", "Requests waiting", labels=["model"])
+        for m in models:
+            for s in ModelState:
+                state.add_metric([m.model, m.tier, s.value], 1.0 if s is m.state else 0.0)
+            in_flight.add_metric([m.model], m.in_flight)
+            depth.add_metric([m.model], m.queued)
+        yield state
+        yield in_flight
+        yield depth
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+
+class Observer:
+    """Metrics registry, a ring of recent events, and live subscribers for /events."""
+
+    def __init__(self, recent: int = 200, subscriber_buffer: int = 1000) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.loads = Counter(
+            "llmux_model_loads",
+            "Model loads by result",
+            ["model", "result"],
+            registry=self.registry,
+        )
+        self.load_seconds = Histogram(
+            "llmux_model_load_seconds",
+            "Time from load start to ready",
+            ["model"],
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.evictions = Counter(
+            "llmux_evictions",
+            "Models stopped, by reason (priority, ttl, admin, crash, reload)",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "llmux_requests",
+            "Relayed requests by model, endpoint and status code",
+            ["model", "endpoint", "code"],
+            registry=self.registry,
+        )
+        self.queue_seconds = Histogram(
+            "llmux_request_queue_seconds",
+            "Time a request waited for its model",
+            ["model"],
+            buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=self.registry,
+        )
+        self.recent: deque[SchedulerEvent] = deque(maxlen=recent)
+        self._subscribers: set[asyncio.Queue[SchedulerEvent | None]] = set()
+        self._subscriber_buffer = subscriber_buffer
+        self._load_started: dict[str, float] = {}
+        self._snapshot: Any = None
+
+    def bind(self, snapshot: Any) -> None:
+        """``snapshot()`` -> (budget_gb, reserved_gb, [ModelGauge]) for the scrape-time gauges."""
+        self._snapshot = snapshot
+        self.registry.register(_StateCollector(self))
+
+    def snapshot(self) -> tuple[float, float, list[ModelGauge]]:
+        result: tuple[float, float, list[ModelGauge]] = self._snapshot()
+        return result
+
+    def record(self, event: SchedulerEvent) -> None:
+        kind = Notice(event.event)
+        if kind is Notice.LOADING:
+            self._load_started[event.model] = time.monotonic()
+        elif kind in (Notice.READY, Notice.LOAD_FAILED):
+            started = self._load_started.pop(event.model, None)
+            self.loads.labels(event.model, "success" if kind is Notice.READY else "failure").inc()
+            if started is not None and kind is Notice.READY:
+                self.load_seconds.labels(event.model).observe(time.monotonic() - started)
+        elif kind is Notice.UNLOADING and event.reason in EVICTION_REASONS:
+            self.evictions.labels(event.model, event.reason).inc()
+        elif kind is Notice.CRASHED:
+            self.evictions.labels(event.model, "crash").inc()
+        self.recent.append(event)
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:  # a stuck reader loses its stream, not our memory
+                self._subscribers.discard(queue)
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(None)
+
+    def request_done(self, model: str, endpoint: str, code: int, queued_s: float | None) -> None:
+        self.requests.labels(model, endpoint, str(code)).inc()
+        if queued_s is not None:
+            self.queue_seconds.labels(model).observe(queued_s)
+
+    def subscribe(self) -> asyncio.Queue[SchedulerEvent | None]:
+        queue: asyncio.Queue[SchedulerEvent | None] = asyncio.Queue(self._subscriber_buffer)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[SchedulerEvent | None]) -> None:
+        self._subscribers.discard(queue)
