@@ -17,7 +17,10 @@ from tests.test_api import chat, two_llms
 pytestmark = pytest.mark.slow
 
 
-def metrics(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def metrics(server: Server) -> Samples:
     resp = server.get("/metrics")
     assert resp.status_code == 200
     assert resp.headers["content-type"].startswith("text/plain")
