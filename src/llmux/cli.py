@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from importlib import resources
 from typing import Any
 
 import yaml
 
-from llmux.config import Config, load_config, parse_config
+from llmux.config import Config, load_config
 from llmux.errors import ConfigError
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -30,40 +29,18 @@ def _serve(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(default_config_text() if args.config is None else _read(args.config))
         return 0
-    try:
-        config = (
-            load_config(args.config)
-            if args.config
-            else parse_config(default_config_text(), "built-in default")
+    from llmux.serve import ServeOptions, serve
+
+    return serve(
+        ServeOptions(
+            config_path=args.config,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            log_format=args.log_format,
+            watch=args.watch,
         )
-    except ConfigError as exc:
-        _print_config_error(exc)
-        return 2
-    import uvicorn
-
-    from llmux.api.app import LlmuxApp
-    from llmux.backends.process import ProcessLauncher
-    from llmux.gpu import nvml_total_gb
-
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    host = args.host or config.server.host
-    port = args.port if args.port is not None else config.server.port
-    app = LlmuxApp(config, ProcessLauncher(), budget_gb=config.budget_gb(nvml_total_gb()))
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=int(config.server.shutdown_grace) or None,
-    )
-    return 0
 
 
 def _read(path: str) -> str:
@@ -71,7 +48,7 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def _print_config_error(exc: ConfigError) -> None:
+def print_config_error(exc: ConfigError) -> None:
     print(f"{exc.source}: invalid config", file=sys.stderr)
     for problem in exc.problems:
         print(f"  - {problem}", file=sys.stderr)
@@ -81,7 +58,7 @@ def _check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
     except ConfigError as exc:
-        _print_config_error(exc)
+        print_config_error(exc)
         return 2
     sys.stdout.write(_resolved_yaml(config))
     return 0
@@ -146,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default from config: 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default from config: 8080)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    serve.add_argument("--log-format", default="text", choices=["text", "json"])
+    serve.add_argument(
+        "--watch", action="store_true", help="reload the config file when it changes (as SIGHUP)"
+    )
     serve.add_argument(
         "--print-config", action="store_true", help="print the config that would be served"
     )

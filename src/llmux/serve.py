@@ -1,0 +1,62 @@
+"""``llmux serve``: build the app from config and run it on uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from llmux.config import Config, load_config, parse_config
+from llmux.errors import ConfigError
+from llmux.logs import setup_logging
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    config_path: str | None
+    host: str | None = None
+    port: int | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+    watch: bool = False
+
+
+def read_config(path: str | None) -> Config:
+    if path is None:
+        from llmux.cli import default_config_text
+
+        return parse_config(default_config_text(), "built-in default")
+    return load_config(path)
+
+
+def serve(options: ServeOptions) -> int:
+    from llmux.cli import print_config_error
+
+    try:
+        config = read_config(options.config_path)
+    except ConfigError as exc:
+        print_config_error(exc)
+        return 2
+    import uvicorn
+
+    from llmux.api.app import LlmuxApp
+    from llmux.backends.process import ProcessLauncher
+    from llmux.gpu import nvml_total_gb
+
+    setup_logging(options.log_level, options.log_format)
+    host = options.host or config.server.host
+    port = options.port if options.port is not None else config.server.port
+    app = LlmuxApp(config, ProcessLauncher(), budget_gb=config.budget_gb(nvml_total_gb()))
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level=options.log_level,
+        log_config=None,
+        timeout_graceful_shutdown=int(config.server.shutdown_grace) or None,
+    )
+    logging.getLogger("llmux").info("llmux stopped")
+    return 0
