@@ -1,17 +1,28 @@
-"""``llmux``: serve, check-config, and the client commands (status, load, unload)."""
+"""``llmux``: serve, check-config, and the client commands (status, load, unload, logs)."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import sys
+import time
+from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import quote
 
 import yaml
 
 from llmux.config import Config, load_config
 from llmux.errors import ConfigError
+
+if TYPE_CHECKING:
+    import httpx
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -64,52 +75,382 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client_call(args: argparse.Namespace, method: str, path: str) -> Any:
+# ---------------------------------------------------------------- client commands
+#
+# status, load, unload and logs talk to a running `llmux serve` over HTTP. Every failure ends
+# in one line on stderr and a distinct exit status, never a traceback:
+#   1 an error answer (unknown model, failed load, ...), 2 bad usage (an invalid --url),
+#   3 the server cannot be reached (or the connection broke), 4 a key is missing or not allowed,
+#   130 interrupted (except `logs -f`, where Ctrl-C is the normal way out: 0).
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_AUTH = 4
+EXIT_INTERRUPTED = 130
+
+ENV_URL = "LLMUX_URL"
+ENV_KEY = "LLMUX_API_KEY"
+
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 30.0
+"""Reads (status, logs) give up after this; load and unload wait as long as the server takes."""
+
+_STATE_STYLE = {
+    "ready": "bold green",
+    "loading": "yellow",
+    "draining": "magenta",
+    "unloading": "magenta",
+    "unloaded": "dim",
+}
+_ERROR_WIDTH = 60
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    print(f"llmux: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _base_url(args: argparse.Namespace) -> str:
+    url = str(args.url or os.environ.get(ENV_URL) or DEFAULT_URL).strip()
+    if "://" not in url:
+        url = "http://" + url
+    return url.rstrip("/")
+
+
+def _key(args: argparse.Namespace) -> str | None:
+    key = args.key or os.environ.get(ENV_KEY)
+    return str(key) if key else None
+
+
+def _model_path(model_id: str, action: str) -> str:
+    return f"/models/{quote(model_id, safe='')}/{action}"
+
+
+def _timeout(read: float | None) -> httpx.Timeout:
     import httpx
 
-    headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
-    try:
-        resp = httpx.request(method, args.url.rstrip("/") + path, headers=headers, timeout=None)
-    except httpx.HTTPError as exc:
-        print(f"llmux: cannot reach {args.url}: {exc}", file=sys.stderr)
-        raise SystemExit(3) from None
+    return httpx.Timeout(read, connect=CONNECT_TIMEOUT_S)
+
+
+def _transport_failure(url: str, exc: Exception) -> NoReturn:
+    import httpx
+
+    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+        _fail(EXIT_USAGE, f"invalid --url {url!r}: {exc}")
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        _fail(EXIT_UNREACHABLE, f"cannot reach {url} (is `llmux serve` running?)")
+    if isinstance(exc, httpx.TimeoutException):
+        _fail(EXIT_UNREACHABLE, f"{url} did not answer in time")
+    _fail(EXIT_UNREACHABLE, f"lost the connection to {url}: {str(exc) or type(exc).__name__}")
+
+
+def _error_of(resp: httpx.Response) -> tuple[str, str | None]:
+    """The message and code of an error answer (OpenAI's envelope, or whatever came back)."""
     try:
         body = resp.json()
     except ValueError:
-        body = {"error": {"message": resp.text}}
-    if resp.status_code >= 400:
-        message = body.get("error", {}).get("message", resp.text)
-        print(f"llmux: {resp.status_code}: {message}", file=sys.stderr)
-        raise SystemExit(1)
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        error = body["error"]
+        code = error.get("code")
+        return str(error.get("message") or resp.reason_phrase), (
+            str(code) if code is not None else None
+        )
+    text = resp.text.strip()
+    first = text.splitlines()[0][:200] if text else resp.reason_phrase
+    return f"HTTP {resp.status_code} from {resp.url}: {first}", None
+
+
+def _check(args: argparse.Namespace, resp: httpx.Response) -> None:
+    """Exit with the right status and one line when ``resp`` is an error answer."""
+    status = resp.status_code
+    if status < 400:
+        return
+    message, code = _error_of(resp)
+    message = " ".join(message.split())  # one line, whatever the server wrote
+    if status == 401:
+        hint = "check the key passed" if _key(args) else "pass one"
+        _fail(EXIT_AUTH, f"{message}; {hint} with --key or ${ENV_KEY}")
+    if status == 403:
+        _fail(
+            EXIT_AUTH, f"{message}; this needs an admin key (server.admin_keys), pass it with --key"
+        )
+    model_id = getattr(args, "id", None)
+    if status == 404 and code == "model_not_found" and model_id is not None:
+        _fail(EXIT_ERROR, f"no model named {model_id}")
+    _fail(EXIT_ERROR, message)
+
+
+def _send(
+    args: argparse.Namespace, method: str, path: str, *, read_timeout: float | None
+) -> httpx.Response:
+    import httpx
+
+    url = _base_url(args)
+    key = _key(args)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        return httpx.request(method, url + path, headers=headers, timeout=_timeout(read_timeout))
+    except (httpx.TransportError, httpx.InvalidURL) as exc:
+        _transport_failure(url, exc)
+
+
+def _client_call(
+    args: argparse.Namespace, method: str, path: str, *, read_timeout: float | None = None
+) -> dict[str, Any]:
+    """One request to the server; its JSON body, or exit with one line on stderr."""
+    resp = _send(args, method, path, read_timeout=read_timeout)
+    _check(args, resp)
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        _fail(EXIT_ERROR, f"unexpected answer from {_base_url(args)}{path} (is it llmux?)")
     return body
 
 
+def _client(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Ctrl-C and a closed stdout (``| head``) end a client command quietly."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except KeyboardInterrupt:
+            print("llmux: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            # Python would complain again when it flushes stdout at exit: point it at devnull.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 0
+
+    return run
+
+
+def _ago(when: float | None, now: float) -> str:
+    if when is None:
+        return "-"
+    s = max(0.0, now - when)
+    if s < 1:
+        return "just now"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{int(s // size)}{unit} ago"
+    return f"{int(s)}s ago"
+
+
+def _truncate(text: str | None, width: int = _ERROR_WIDTH) -> str:
+    if not text:
+        return ""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _gb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _bar(used: float, total: float, width: int, unicode: bool) -> tuple[str, str, str]:
+    """(filled, empty, style) of a usage bar ``width`` cells wide."""
+    fraction = min(1.0, max(0.0, used / total)) if total > 0 else 0.0
+    filled = round(fraction * width)
+    full, empty = ("█", "░") if unicode else ("#", "-")
+    style = "green" if fraction < 0.7 else "yellow" if fraction < 0.9 else "red"
+    return full * filled, empty * (width - filled), style
+
+
+def _vram_line(vram: dict[str, Any], unicode: bool) -> Text:
+    from rich.text import Text
+
+    budget, reserved = float(vram.get("budget_gb") or 0), float(vram.get("reserved_gb") or 0)
+    filled, empty, style = _bar(reserved, budget, 24, unicode)
+    line = Text("VRAM ", style="bold")
+    line.append(f"{reserved:.1f} / {budget:.1f} GB reserved  [")
+    line.append(filled, style=style)
+    line.append(empty, style="dim")
+    line.append("]")
+    if budget > 0:
+        line.append(f" {100 * reserved / budget:.0f}%")
+    if vram.get("measured_gb") is not None:
+        line.append(f"  measured {vram['measured_gb']:.1f} GB", style="dim")
+    return line
+
+
+def _models_table(models: list[dict[str, Any]], now: float, error_width: int) -> Table:
+    """The table of models; no LAST ERROR column when ``error_width`` is 0."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    measured = any(m.get("measured_gb") is not None for m in models)
+    pinned = any(m.get("pinned") for m in models)
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+        show_edge=False,
+        header_style="bold",
+        caption="* pinned" if pinned else None,
+        caption_justify="left",
+        caption_style="dim",
+    )
+    longest = max((len(str(m.get("id", ""))) + 1 for m in models), default=5)
+    table.add_column("MODEL", overflow="fold", min_width=min(longest, 16))
+    for title in ("TYPE", "TIER", "STATE"):
+        table.add_column(title, no_wrap=True)
+    numbers = ["VRAM GB", *(["MEASURED"] if measured else []), "IN FLIGHT", "QUEUED", "PID"]
+    for title in [*numbers, "LAST USED"]:
+        table.add_column(title, justify="right", no_wrap=True)
+    if error_width:
+        table.add_column("LAST ERROR", no_wrap=True, overflow="ellipsis")
+    for m in models:
+        state = str(m.get("state", "?"))
+        pid = m.get("pid")
+        row = [
+            Text(str(m.get("id", "?")) + ("*" if m.get("pinned") else "")),
+            Text(str(m.get("type", ""))),
+            Text(str(m.get("tier", ""))),
+            Text(state, style=_STATE_STYLE.get(state, "")),
+            Text(_gb(m.get("vram_gb"))),
+            *([Text(_gb(m.get("measured_gb")))] if measured else []),
+            Text(str(m.get("in_flight", 0))),
+            Text(str(m.get("queued", 0))),
+            Text("-" if pid is None else str(pid)),
+            Text(_ago(m.get("last_used"), now)),
+        ]
+        if error_width:
+            row.append(Text(_truncate(m.get("last_error"), error_width), style="red"))
+        table.add_row(*row)
+    return table
+
+
+def render_status(body: dict[str, Any], console: Console, now: float | None = None) -> None:
+    """The `llmux status` view of a GET /status body: a VRAM line and a table of models.
+
+    Last errors are cut to fit: in the table where there is room, else as lines under it."""
+    from rich.measure import Measurement
+    from rich.text import Text
+
+    now = time.time() if now is None else now
+    console.print(_vram_line(body.get("vram", {}), console.encoding.lower().startswith("utf")))
+    models: list[dict[str, Any]] = list(body.get("models", []))
+    if not models:
+        console.print("no models configured", style="dim")
+        return
+    errors = [m for m in models if m.get("last_error")]
+    rest = Measurement.get(console, console.options, _models_table(models, now, 0)).maximum
+    room = min(_ERROR_WIDTH, console.width - rest - 3)
+    if not errors or room >= 20:
+        console.print(_models_table(models, now, max(room, 10) if errors else 0))
+        return
+    console.print(_models_table(models, now, 0))
+    for m in errors:
+        line = Text(f"{m.get('id')}: ", style="bold")
+        line.append(_truncate(m.get("last_error"), max(20, console.width - len(line))), "red")
+        console.print(line, no_wrap=True, overflow="ellipsis")
+
+
+def _stdout_console() -> Console:
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        # Piped or captured: no colour (rich's default), and room for every column.
+        console = Console(highlight=False, width=max(console.width, 160))
+    return console
+
+
+@_client
 def _status(args: argparse.Namespace) -> int:
-    body = _client_call(args, "GET", "/status")
+    body = _client_call(args, "GET", "/status", read_timeout=READ_TIMEOUT_S)
     if args.json:
         print(json.dumps(body, indent=2))
         return 0
-    vram = body["vram"]
-    print(f"VRAM budget {vram['budget_gb']:.2f} GB, reserved {vram['reserved_gb']:.2f} GB")
-    print(f"{'MODEL':<20} {'TIER':<8} {'STATE':<10} {'GB':>6} {'IN FLIGHT':>9} {'QUEUED':>6}")
-    for m in body["models"]:
-        print(
-            f"{m['id']:<20} {m['tier']:<8} {m['state']:<10} {m['vram_gb']:>6.2f} "
-            f"{m['in_flight']:>9} {m['queued']:>6}"
-        )
+    render_status(body, _stdout_console())
     return 0
 
 
+def _change(args: argparse.Namespace, action: str, doing: str) -> int:
+    from rich.console import Console
+
+    path = _model_path(args.id, action)
+    progress = Console(stderr=True)
+    if progress.is_terminal:
+        with progress.status(f"{doing} {args.id}…"):
+            body = _client_call(args, "POST", path)
+    else:
+        body = _client_call(args, "POST", path)
+    print(f"{body.get('id', args.id)}: {body.get('state', '?')}")
+    return 0
+
+
+@_client
 def _load(args: argparse.Namespace) -> int:
-    body = _client_call(args, "POST", f"/models/{args.id}/load")
-    print(f"{body['id']}: {body['state']}")
-    return 0
+    return _change(args, "load", "loading")
 
 
+@_client
 def _unload(args: argparse.Namespace) -> int:
-    body = _client_call(args, "POST", f"/models/{args.id}/unload")
-    print(f"{body['id']}: {body['state']}")
+    return _change(args, "unload", "unloading")
+
+
+def _follow(args: argparse.Namespace) -> int:
+    import httpx
+
+    url = _base_url(args)
+    key = _key(args)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    path = _model_path(args.id, "logs")
+    try:
+        with httpx.stream(
+            "GET",
+            url + path,
+            params={"follow": "true"},
+            headers=headers,
+            timeout=_timeout(None),
+        ) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                _check(args, resp)
+            for chunk in resp.iter_text():
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        return 0
+    except (httpx.TransportError, httpx.InvalidURL) as exc:
+        _transport_failure(url, exc)
     return 0
+
+
+@_client
+def _logs(args: argparse.Namespace) -> int:
+    if args.follow:
+        return _follow(args)
+    body = _client_call(args, "GET", _model_path(args.id, "logs"), read_timeout=READ_TIMEOUT_S)
+    lines = [str(line) for line in body.get("lines", [])]
+    if not lines:
+        print(f"llmux: no output kept for {args.id} (is it loaded?)", file=sys.stderr)
+    for line in lines:
+        sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def _add_client_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    text: str,
+    key_help: str,
+) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=text, description=text)
+    p.add_argument("--url", help=f"the llmux server (default: ${ENV_URL}, else {DEFAULT_URL})")
+    p.add_argument("--key", help=f"{key_help} (default: ${ENV_KEY})")
+    p.set_defaults(func=func)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,19 +477,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.set_defaults(func=_check_config)
 
+    status = _add_client_parser(
+        sub, "status", _status, "show models, state, memory, in flight", "an API key"
+    )
+    status.add_argument("--json", action="store_true", help="print GET /status as JSON")
     for name, func, text in [
-        ("status", _status, "show models, state, memory, in flight"),
         ("load", _load, "load a model and wait until it is ready"),
-        ("unload", _unload, "unload a model (it drains first)"),
+        ("unload", _unload, "unload a model (it drains first) and wait until it is gone"),
     ]:
-        p = sub.add_parser(name, help=text)
-        if name != "status":
-            p.add_argument("id")
-        else:
-            p.add_argument("--json", action="store_true")
-        p.add_argument("--url", default=DEFAULT_URL)
-        p.add_argument("--key", help="API key (admin key for load/unload)")
-        p.set_defaults(func=func)
+        p = _add_client_parser(sub, name, func, text, "an admin key")
+        p.add_argument("id", help="model id or alias")
+    logs = _add_client_parser(
+        sub, "logs", _logs, "print the last lines a model's process wrote", "an admin key"
+    )
+    logs.add_argument("id", help="model id or alias")
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing new lines until Ctrl-C"
+    )
     return parser
 
 

@@ -45,7 +45,16 @@ def serve(options: ServeOptions) -> int:
     setup_logging(options.log_level, options.log_format)
     host = options.host or config.server.host
     port = options.port if options.port is not None else config.server.port
-    app = LlmuxApp(config, ProcessLauncher(), budget_gb=config.budget_gb(nvml_total_gb()))
+    total = nvml_total_gb()
+    path = options.config_path
+    app = LlmuxApp(
+        config,
+        ProcessLauncher(),
+        budget_gb=config.budget_gb(total),
+        nvml_total_gb=total,
+        config_source=lambda: read_config(path),
+        watch_path=path if options.watch else None,
+    )
     uvicorn.run(
         app,
         host=host,

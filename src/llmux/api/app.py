@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import aiohttp
 
@@ -11,7 +16,7 @@ from llmux.api.control import build_control
 from llmux.api.relay import RELAY_PATHS, Receive, Relay, Scope, Send, send_error
 from llmux.backends.base import Launcher
 from llmux.config import Config
-from llmux.errors import MethodNotAllowed
+from llmux.errors import ConfigError, MethodNotAllowed
 from llmux.observe import Observer
 from llmux.scheduling.runtime import Scheduler
 
@@ -21,13 +26,27 @@ log = logging.getLogger("llmux")
 class LlmuxApp:
     """One llmux server. Owns the scheduler and the shared upstream session for its lifetime."""
 
-    def __init__(self, config: Config, launcher: Launcher, *, budget_gb: float) -> None:
+    def __init__(
+        self,
+        config: Config,
+        launcher: Launcher,
+        *,
+        budget_gb: float,
+        nvml_total_gb: float | None = None,
+        config_source: Callable[[], Config] | None = None,
+        watch_path: str | None = None,
+    ) -> None:
+        """``config_source`` re-reads the config for SIGHUP (and ``watch_path`` changes)."""
         self.config = config
+        self.nvml_total_gb = nvml_total_gb
+        self.config_source = config_source
+        self.watch_path = watch_path
+        self._background: set[asyncio.Task[None]] = set()
         self.scheduler = Scheduler(config, launcher, budget_gb=budget_gb)
         self.observer = Observer()
         self.observer.bind(self.scheduler.gauges)
         self.scheduler.listeners.append(self.observer.record)
-        auth = Authenticator(config.server)
+        auth = self.auth = Authenticator(config.server)
         self._session: aiohttp.ClientSession | None = None
         self.relay = Relay(
             self.scheduler,
@@ -50,6 +69,12 @@ class LlmuxApp:
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
         await self.scheduler.start()
+        if self.config_source is not None:
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+                loop.add_signal_handler(signal.SIGHUP, self._spawn_reload)
+            if self.watch_path is not None:
+                self._spawn(self._watch(self.watch_path))
         log.info(
             "llmux ready: %d models, budget %.2f GB",
             len(self.config.models),
@@ -57,10 +82,52 @@ class LlmuxApp:
         )
 
     async def shutdown(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.scheduler.shutdown(self.config.server.shutdown_grace)
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def reload(self) -> bool:
+        """Re-read the config and hand it to the scheduler. An invalid config changes nothing."""
+        assert self.config_source is not None
+        try:
+            new = self.config_source()
+        except ConfigError as exc:
+            log.error(
+                "config reload rejected, the running config stays: %s", "; ".join(exc.problems)
+            )
+            return False
+        old = self.config
+        if (new.server.host, new.server.port) != (old.server.host, old.server.port):
+            log.warning("server.host and server.port changes take effect only after a restart")
+        added = sorted(set(new.models) - set(old.models))
+        removed = sorted(set(old.models) - set(new.models))
+        changed = sorted(
+            m for m in set(new.models) & set(old.models) if new.models[m] != old.models[m]
+        )
+        self.config = new
+        self.auth.update(new.server)
+        self.relay.max_body = int(new.server.max_upload_mb * 1_000_000)
+        self.scheduler.reconfigure(new, new.budget_gb(self.nvml_total_gb))
+        log.info("config reloaded: added=%s removed=%s changed=%s", added, removed, changed)
+        return True
+
+    def _spawn_reload(self) -> None:
+        self.reload()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _watch(self, path: str) -> None:
+        from watchfiles import awatch
+
+        async for _ in awatch(path, debounce=200, step=50):
+            self.reload()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

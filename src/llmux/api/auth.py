@@ -37,6 +37,10 @@ def bearer(authorization: str | None) -> str | None:
 
 class Authenticator:
     def __init__(self, server: ServerConfig) -> None:
+        self.update(server)
+
+    def update(self, server: ServerConfig) -> None:
+        """Take the keys of a (re)loaded config."""
         self.api_keys = list(server.api_keys)
         self.admin_keys = list(server.admin_keys)
 

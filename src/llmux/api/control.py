@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import html
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -18,6 +17,7 @@ from llmux.api.auth import Access, Authenticator
 from llmux.errors import InvalidRequest, LlmuxError, MethodNotAllowed, NotFound
 from llmux.observe import Observer, SchedulerEvent
 from llmux.scheduling.runtime import Scheduler
+from llmux.static import status_page
 
 LOG_FOLLOW_POLL_S = 0.25
 _NO_CACHE = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -143,17 +143,12 @@ def build_control(scheduler: Scheduler, auth: Authenticator, observer: Observer)
 
         return StreamingResponse(tail(), media_type="text/plain; charset=utf-8", headers=_NO_CACHE)
 
-    @app.get("/", dependencies=[Depends(reader)], response_class=HTMLResponse)
-    async def page() -> str:
-        rows = "".join(
-            f"<tr><td>{html.escape(m['id'])}</td><td>{m['tier']}</td><td>{m['state']}</td>"
-            f"<td>{m['vram_gb']:g}</td><td>{m['in_flight']}</td><td>{m['queued']}</td></tr>"
-            for m in scheduler.status()["models"]
-        )
-        return (
-            "<!doctype html><meta name=viewport content='width=device-width'>"
-            "<title>llmux</title><h1>llmux</h1><table><tr><th>model<th>tier<th>state"
-            f"<th>GB<th>in flight<th>queued</tr>{rows}</table>"
-        )
+    page_body, page_headers = status_page()
+
+    # A static shell with no data in it: open, so that a browser can load it and then ask for
+    # the key that /status and /events need (docs/status-page.md).
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(page_body, headers=page_headers)
 
     return app

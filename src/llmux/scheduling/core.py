@@ -8,13 +8,15 @@ through the injected ``clock`` (monotonic) and ``wall`` callables.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llmux.config import Config
+from llmux.config import Config, ModelConfig
 from llmux.errors import (
     InsufficientVram,
     ModelLoadFailed,
+    ModelNotFound,
     ModelUnavailable,
     QueueFull,
     QueueTimeout,
@@ -29,6 +31,7 @@ from llmux.scheduling.events import (
     Measured,
     Notice,
     ProcessExited,
+    Reconfigure,
     Release,
     Shutdown,
     StopFinished,
@@ -76,22 +79,17 @@ class SchedulerCore:
         self.wall = wall
         self.passover_bound = passover_bound
         self.models: dict[str, ModelRecord] = {
-            mid: ModelRecord(
-                model_id=mid,
-                tier=config.tier_of(mid),
-                tier_rank=config.tier_rank(config.tier_of(mid)),
-                protected=config.tier_protected(config.tier_of(mid)),
-                pinned=m.pinned,
-                configured_gb=m.vram_gb,
-                ttl=m.ttl,
-            )
-            for mid, m in config.models.items()
+            mid: ModelRecord.from_config(mid, config) for mid in config.models
         }
         self.waiters: dict[int, Waiter] = {}
         self.leases: dict[int, Lease] = {}
         self.pending: dict[str, float] = {}
         """Loads promised the memory their victims free, in promise order."""
+        self.drain_reasons: dict[str, StopReason] = {}
+        """Why each draining model was doomed: its stop, on the last release, says the same."""
         self.closing = False
+        self._internal_rids = itertools.count(-1, -1)
+        """Request ids for waiters nobody awaits (preloads the core starts itself)."""
 
     # ------------------------------------------------------------------ queries
 
@@ -125,6 +123,11 @@ class SchedulerCore:
     # ------------------------------------------------------------------ events
 
     def handle(self, event: Event) -> None:
+        if (
+            isinstance(event, LoadFinished | ProcessExited | StopFinished | TtlExpired | Measured)
+            and event.model_id not in self.models
+        ):
+            return  # about a model a reload removed and that is gone already
         match event:
             case Acquire():
                 self._acquire(event)
@@ -147,16 +150,21 @@ class SchedulerCore:
             case Measured():
                 m = self.models[event.model_id]
                 m.learned_gb = max(m.learned_gb, event.gb)
+            case Reconfigure():
+                self._reconfigure(event)
             case Shutdown():
                 self._shutdown()
         self._pump()
 
     def _acquire(self, ev: Acquire) -> None:
-        m = self.models[ev.model_id]
+        m = self.models.get(ev.model_id)
+        if m is None or m.removed:
+            self.effects.reject(ev.rid, ModelNotFound(ev.model_id))
+            return
         if self.closing:
             self.effects.reject(ev.rid, ModelUnavailable("llmux is shutting down"))
             return
-        if m.state is ModelState.READY and not m.unload_requested:
+        if m.state is ModelState.READY and m.stop_when_ready is None:
             self._admit(ev.rid, m, ev.kind)
             return
         if ev.kind is WaiterKind.REQUEST and self.queued_requests >= self.config.server.max_queue:
@@ -203,7 +211,7 @@ class SchedulerCore:
         if m.in_flight > 0:
             return
         if m.state is ModelState.DRAINING:
-            self._stop(m, StopReason.PRIORITY)
+            self._stop(m, self.drain_reasons.pop(m.model_id))
         else:
             self._became_idle(m)
 
@@ -248,7 +256,7 @@ class SchedulerCore:
             m.move(ModelState.UNLOADED)
             m.pid = None
             m.last_error = ev.error
-            m.unload_requested = False
+            m.stop_when_ready = None
             first_line = ev.error.splitlines()[0] if ev.error else "load failed"
             self.effects.notify(Notice.LOAD_FAILED, m.model_id, first_line)
             for w in self._take_waiters(m):
@@ -256,6 +264,7 @@ class SchedulerCore:
                     w.rid, ModelLoadFailed(f"model '{m.model_id}' failed to load: {ev.error}")
                 )
             self._answer_unload_waiters(m)
+            self._forget_if_removed(m)
             return
         m.move(ModelState.READY)
         m.pid = ev.pid
@@ -263,8 +272,8 @@ class SchedulerCore:
         self.effects.notify(Notice.READY, m.model_id, "load finished")
         for w in self._take_waiters(m):
             self._admit(w.rid, m, w.kind)
-        if m.unload_requested:
-            self._doom(m, StopReason.SHUTDOWN if self.closing else StopReason.ADMIN)
+        if m.stop_when_ready is not None:
+            self._doom(m, StopReason(m.stop_when_ready))
         elif m.in_flight == 0:
             self._became_idle(m)
 
@@ -277,15 +286,17 @@ class SchedulerCore:
         if ev.generation != m.generation or m.state not in SERVING:
             return
         m.move(ModelState.UNLOADED)
+        self.drain_reasons.pop(m.model_id, None)
         m.pid = None
         m.in_flight = 0
-        m.unload_requested = False
+        m.stop_when_ready = None
         for rid in [r for r, lease in self.leases.items() if lease.model_id == m.model_id]:
             del self.leases[rid]
         reason = f"process exited with status {ev.returncode}"
         m.last_error = f"{reason}\n{ev.log_tail}" if ev.log_tail else reason
         self.effects.notify(Notice.CRASHED, m.model_id, reason)
         self._answer_unload_waiters(m)
+        self._forget_if_removed(m)
 
     def _stop_finished(self, ev: StopFinished) -> None:
         m = self.models[ev.model_id]
@@ -293,9 +304,10 @@ class SchedulerCore:
             return
         m.move(ModelState.UNLOADED)
         m.pid = None
-        m.unload_requested = False
+        m.stop_when_ready = None
         self.effects.notify(Notice.UNLOADED, m.model_id, "process gone")
         self._answer_unload_waiters(m)
+        self._forget_if_removed(m)
 
     def _answer_unload_waiters(self, m: ModelRecord) -> None:
         rids, m.unload_waiters = m.unload_waiters, []
@@ -303,13 +315,13 @@ class SchedulerCore:
             self.effects.answer(rid)
 
     def _unload(self, ev: Unload) -> None:
-        m = self.models[ev.model_id]
-        if m.state is ModelState.UNLOADED:
+        m = self.models.get(ev.model_id)
+        if m is None or m.state is ModelState.UNLOADED:
             self.effects.answer(ev.rid)
             return
         m.unload_waiters.append(ev.rid)
         if m.state is ModelState.LOADING:
-            m.unload_requested = True
+            m.stop_when_ready = StopReason.ADMIN.value
         elif m.state is ModelState.READY:
             self._doom(m, StopReason.ADMIN)
 
@@ -326,6 +338,42 @@ class SchedulerCore:
         if self.clock() - m.idle_since + 1e-6 >= m.ttl:
             self._doom(m, StopReason.TTL)
 
+    def _reconfigure(self, ev: Reconfigure) -> None:
+        new = ev.config
+        self.config = new
+        self.budget_gb = ev.budget_gb
+        for mid, m in list(self.models.items()):
+            if mid not in new.models:
+                m.removed = True
+                self.pending.pop(mid, None)
+                for w in self._take_waiters(m):
+                    self.effects.reject(w.rid, ModelNotFound(mid))
+                self._retire(m)
+                continue
+            old_spec = m.spec
+            m.removed = False
+            m.configure(new)
+            if old_spec is not None and _launch_fields(old_spec) != _launch_fields(m.spec):
+                self._retire(m)  # its waiters stay and get the new process
+        for mid in new.models:
+            if mid not in self.models:
+                self.models[mid] = ModelRecord.from_config(mid, new)
+        for mid, m in self.models.items():
+            if m.pinned and m.state is ModelState.UNLOADED and not m.waiters:
+                self._acquire(Acquire(next(self._internal_rids), mid, WaiterKind.PRELOAD))
+
+    def _retire(self, m: ModelRecord) -> None:
+        """Stop ``m`` for a reload (after draining); forget it once unloaded if it was removed."""
+        if m.state is ModelState.READY:
+            self._doom(m, StopReason.RELOAD)
+        elif m.state is ModelState.LOADING:
+            m.stop_when_ready = StopReason.RELOAD.value
+        self._forget_if_removed(m)
+
+    def _forget_if_removed(self, m: ModelRecord) -> None:
+        if m.removed and m.state is ModelState.UNLOADED:
+            self.models.pop(m.model_id, None)
+
     def _shutdown(self) -> None:
         self.closing = True
         for rid in list(self.waiters):
@@ -337,7 +385,7 @@ class SchedulerCore:
             if m.state is ModelState.READY:
                 self._doom(m, StopReason.SHUTDOWN)
             elif m.state is ModelState.LOADING:
-                m.unload_requested = True
+                m.stop_when_ready = StopReason.SHUTDOWN.value
 
     # ------------------------------------------------------------------ acting
 
@@ -347,6 +395,7 @@ class SchedulerCore:
             self._stop(m, reason)
         else:
             m.move(ModelState.DRAINING)
+            self.drain_reasons[m.model_id] = reason
             self.effects.notify(Notice.DRAINING, m.model_id, reason.value)
 
     def _stop(self, m: ModelRecord, reason: StopReason) -> None:
@@ -426,6 +475,13 @@ class SchedulerCore:
                 assert m.in_flight == 0, f"{m.model_id} {m.state} has in_flight {m.in_flight}"
             assert m.in_flight >= 0
         assert sum(len(m.waiters) for m in self.models.values()) == len(self.waiters)
+
+
+def _launch_fields(spec: ModelConfig | None) -> tuple[object, ...]:
+    """What a running child was started with: a change needs a new process."""
+    if spec is None:
+        return ()
+    return (spec.cmd, spec.engine, spec.model, spec.args, spec.env, spec.health)
 
 
 def _insufficient(model_id: str, d: Infeasible) -> InsufficientVram:

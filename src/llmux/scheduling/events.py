@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol
 
+from llmux.config import Config
 from llmux.errors import LlmuxError
 from llmux.scheduling.state import WaiterKind
 
@@ -90,6 +91,15 @@ class Measured:
 
 
 @dataclass(frozen=True)
+class Reconfigure:
+    """A new, valid config: added models appear, removed ones drain and go, changed ones restart
+    after draining, and the budget applies to the next decision."""
+
+    config: Config
+    budget_gb: float
+
+
+@dataclass(frozen=True)
 class Shutdown:
     """Stop admitting; answer waiters 503; drain everything and stop every child."""
 
@@ -105,6 +115,7 @@ Event = (
     | TtlExpired
     | Deadline
     | Measured
+    | Reconfigure
     | Shutdown
 )
 
@@ -129,6 +140,8 @@ class StopReason(enum.Enum):
     """Evicted to make room for another model."""
     TTL = "ttl"
     ADMIN = "admin"
+    RELOAD = "reload"
+    """Removed or changed by a config reload."""
     SHUTDOWN = "shutdown"
 
 

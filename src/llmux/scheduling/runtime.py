@@ -30,6 +30,7 @@ from llmux.scheduling.events import (
     LoadFinished,
     Notice,
     ProcessExited,
+    Reconfigure,
     Release,
     Shutdown,
     StopFinished,
@@ -51,6 +52,13 @@ class Lease:
     model_id: str
     generation: int
     base_url: str
+
+
+@dataclass(frozen=True)
+class _Running:
+    generation: int
+    child: Child
+    stop_timeout: float
 
 
 def launch_spec(model_id: str, m: ModelConfig) -> LaunchSpec:
@@ -92,7 +100,6 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
-        self.config = config
         self.launcher = launcher
         self.clock = clock
         self.core = SchedulerCore(config, budget_gb, self, clock, wall)
@@ -100,10 +107,19 @@ class Scheduler:
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._ids = itertools.count(1)
         self._futures: dict[int, asyncio.Future[Lease | None]] = {}
-        self._children: dict[str, tuple[int, Child]] = {}
+        self._children: dict[str, _Running] = {}
+        """Each model's current child (or its last one, kept for its log lines)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._owner: asyncio.Task[None] | None = None
         self._all_unloaded = asyncio.Event()
+
+    @property
+    def config(self) -> Config:
+        """The config in force (it changes on reload)."""
+        return self.core.config
+
+    def reconfigure(self, config: Config, budget_gb: float) -> None:
+        self.post(Reconfigure(config, budget_gb))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -140,14 +156,10 @@ class Scheduler:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        children = list(self._children.items())
+        children = list(self._children.values())
         self._children.clear()
         await asyncio.gather(
-            *(
-                child.stop(self.config.models[mid].stop_timeout)
-                for mid, (_, child) in children
-                if child.returncode is None
-            ),
+            *(run.child.stop(run.stop_timeout) for run in children if run.child.returncode is None),
             return_exceptions=True,
         )
         self._owner.cancel()
@@ -192,8 +204,8 @@ class Scheduler:
 
     def child(self, model_id: str) -> Child | None:
         """The model's current child, or its last one (exited: kept for its log lines)."""
-        entry = self._children.get(model_id)
-        return entry[1] if entry else None
+        run = self._children.get(model_id)
+        return run.child if run else None
 
     def status(self) -> dict[str, Any]:
         core = self.core
@@ -202,7 +214,7 @@ class Scheduler:
             models.append(
                 {
                     "id": mid,
-                    "type": self.config.models[mid].type,
+                    "type": m.spec.type if m.spec else None,
                     "tier": m.tier,
                     "state": m.state.value,
                     "vram_gb": m.reservation_gb,
@@ -234,10 +246,10 @@ class Scheduler:
 
     def grant(self, rid: int, model_id: str, generation: int) -> None:
         fut = self._futures.get(rid)
-        entry = self._children.get(model_id)
-        if fut is None or fut.done() or entry is None:
+        run = self._children.get(model_id)
+        if fut is None or fut.done() or run is None:
             return  # the waiter is gone; its Cancel event releases the lease
-        fut.set_result(Lease(rid, model_id, generation, entry[1].base_url))
+        fut.set_result(Lease(rid, model_id, generation, run.child.base_url))
 
     def answer(self, rid: int) -> None:
         fut = self._futures.get(rid)
@@ -294,16 +306,18 @@ class Scheduler:
         task.add_done_callback(self._tasks.discard)
 
     async def _load(self, model_id: str, generation: int) -> None:
+        spec = self.core.models[model_id].spec
+        assert spec is not None
         try:
-            spec = launch_spec(model_id, self.config.models[model_id])
-            child = await self.launcher.launch(spec)
+            launch = launch_spec(model_id, spec)
+            child = await self.launcher.launch(launch)
         except LaunchFailed as exc:
             self.post(LoadFinished(model_id, generation, error=exc.describe()))
             return
         except Exception as exc:  # e.g. an engine's missing package: a failed load, not a crash
             self.post(LoadFinished(model_id, generation, error=str(exc)))
             return
-        self._children[model_id] = (generation, child)
+        self._children[model_id] = _Running(generation, child, launch.stop_timeout)
         self.post(LoadFinished(model_id, generation, pid=child.pid))
         returncode = await child.wait_exit()
         self.post(
@@ -311,7 +325,7 @@ class Scheduler:
         )
 
     async def _stop(self, model_id: str, generation: int) -> None:
-        entry = self._children.get(model_id)
-        if entry is not None and entry[0] == generation:
-            await asyncio.shield(entry[1].stop(self.config.models[model_id].stop_timeout))
+        run = self._children.get(model_id)
+        if run is not None and run.generation == generation:
+            await asyncio.shield(run.child.stop(run.stop_timeout))
         self.post(StopFinished(model_id, generation))

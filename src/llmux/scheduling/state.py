@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from llmux.config import Config, ModelConfig
+
 
 class ModelState(enum.Enum):
     """Where one model's child process is. Transitions are checked by ``ModelRecord.move``."""
@@ -85,7 +87,31 @@ class ModelRecord:
     """Monotonic time it last became idle (for ttl)."""
     last_error: str | None = None
     pid: int | None = None
-    unload_requested: bool = False
+    stop_when_ready: str | None = None
+    """A stop reason (StopReason value) to act on once a loading model is ready (admin unload,
+    shutdown, reload)."""
+    removed: bool = False
+    """Gone from the config (reload): forgotten once unloaded."""
+    spec: ModelConfig | None = None
+    """The model's config as of its last (re)configuration."""
+
+    @classmethod
+    def from_config(cls, model_id: str, config: Config) -> ModelRecord:
+        m = cls(model_id, "", 0, False, False, 0.0, None)
+        m.configure(config)
+        return m
+
+    def configure(self, config: Config) -> None:
+        """Take the settings that apply live (tier, reservation, ttl, pinned) from ``config``."""
+        spec = config.models[self.model_id]
+        self.spec = spec
+        self.tier = config.tier_of(self.model_id)
+        self.tier_rank = config.tier_rank(self.tier)
+        self.protected = config.tier_protected(self.tier)
+        self.pinned = spec.pinned
+        self.configured_gb = spec.vram_gb
+        self.ttl = spec.ttl
+
     waiters: list[int] = field(default_factory=list)
     """Request ids waiting for this model, oldest first."""
     unload_waiters: list[int] = field(default_factory=list)
