@@ -50,6 +50,7 @@ class Server:
     log: Path
     api_key: str | None = None
     admin_key: str | None = None
+    config_path: Path | None = None
     _http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=60))
 
     def client(self, key: str | None = None, **kw: Any) -> OpenAI:
@@ -131,29 +132,36 @@ StartServer = Callable[..., Server]
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[StartServer]:
     """Start `llmux serve` on a config (YAML text); ``{cmd:NAME ...}`` placeholders are not
-    used: build commands with ``upstream_cmd(tmp_path, ...)``."""
+    used: build commands with ``upstream_cmd(tmp_path, ...)``. ``config_text=None`` starts it
+    without ``--config``: the built-in default stack."""
     servers: list[Server] = []
 
     def start(
-        config_text: str,
+        config_text: str | None,
         *,
         api_key: str | None = None,
         admin_key: str | None = None,
         ready: bool = True,
+        args: tuple[str, ...] = (),
     ) -> Server:
-        cfg = tmp_path / f"llmux-{len(servers)}.yaml"
-        cfg.write_text(config_text)
+        config_args: list[str] = []
+        if config_text is not None:
+            cfg = tmp_path / f"llmux-{len(servers)}.yaml"
+            cfg.write_text(config_text)
+            config_args = ["--config", str(cfg)]
         port = free_port()
         log = tmp_path / f"llmux-{len(servers)}.log"
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "llmux", "serve", "--config", str(cfg), "--port", str(port)],
+                [sys.executable, "-m", "llmux", "serve", *config_args, "--port", str(port), *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
             )
         server = Server(f"http://127.0.0.1:{port}", proc, tmp_path, log, api_key, admin_key)
+        if config_text is not None:
+            server.config_path = tmp_path / f"llmux-{len(servers)}.yaml"
         servers.append(server)
         if ready:
 
