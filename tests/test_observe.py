@@ -127,7 +127,8 @@ def test_events_follow_a_swap(start_server: StartServer, tmp_path: Path) -> None
     try:
         chat(server.client(), "a")
         chat(server.client(), "b")
-        events = reader.wait_for("ready", "b")
+        reader.wait_for("ready", "b")
+        events = reader.wait_for("admitted", "b")[:-1]
     finally:
         reader.close()
     seen = [(e["event"], e["model"]) for e in events]
@@ -135,17 +136,18 @@ def test_events_follow_a_swap(start_server: StartServer, tmp_path: Path) -> None
         ("queued", "a"),
         ("loading", "a"),
         ("ready", "a"),
+        ("admitted", "a"),
         ("queued", "b"),
         ("unloading", "a"),
         ("unloaded", "a"),
         ("loading", "b"),
         ("ready", "b"),
     ]
-    unloading = events[4]
+    unloading = events[5]
     assert unloading["reason"] == "priority"
     assert unloading["tier"] == "llm"
     assert events[-1]["reserved_gb"] == 3
-    assert events[5]["reserved_gb"] == 0
+    assert events[6]["reserved_gb"] == 0
     assert all(e["budget_gb"] == 4 for e in events)
 
 

@@ -270,8 +270,11 @@ class SchedulerCore:
         m.pid = ev.pid
         m.last_error = None
         self.effects.notify(Notice.READY, m.model_id, "load finished")
-        for w in self._take_waiters(m):
+        waiting = self._take_waiters(m)
+        for w in waiting:
             self._admit(w.rid, m, w.kind)
+        if any(w.kind is not WaiterKind.PRELOAD for w in waiting):
+            self.effects.notify(Notice.ADMITTED, m.model_id, f"{len(waiting)} waiting")
         if m.stop_when_ready is not None:
             self._doom(m, StopReason(m.stop_when_ready))
         elif m.in_flight == 0:
