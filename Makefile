@@ -23,4 +23,5 @@ lint: install-dev
 	mypy
 
 test: lint
+	./scripts/ensure-chromium.sh
 	$(PYTHON) -m pytest
