@@ -167,6 +167,12 @@ class SchedulerCore:
         if m.state is ModelState.READY and m.stop_when_ready is None:
             self._admit(ev.rid, m, ev.kind)
             return
+        # Never fits: say so at once (rule 4), before any queue bound.
+        if m.state is ModelState.UNLOADED and ev.model_id not in self.pending:
+            decision = plan_load(self.snapshot(), ev.model_id)
+            if isinstance(decision, Infeasible):
+                self.effects.reject(ev.rid, _insufficient(ev.model_id, decision))
+                return
         if ev.kind is WaiterKind.REQUEST and self.queued_requests >= self.config.server.max_queue:
             self.effects.reject(
                 ev.rid,
@@ -176,11 +182,6 @@ class SchedulerCore:
                 ),
             )
             return
-        if m.state is ModelState.UNLOADED and ev.model_id not in self.pending:
-            decision = plan_load(self.snapshot(), ev.model_id)
-            if isinstance(decision, Infeasible):
-                self.effects.reject(ev.rid, _insufficient(ev.model_id, decision))
-                return
         now = self.clock()
         self.waiters[ev.rid] = Waiter(ev.rid, ev.model_id, ev.kind, now)
         m.waiters.append(ev.rid)

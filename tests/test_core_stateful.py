@@ -1,0 +1,1095 @@
+"""SchedulerCore driven directly: scenario tests, then a hypothesis state machine.
+
+The core gets a recording ``Effects`` and a fake monotonic clock advanced by hand; slow work
+(loads, stops, timers) "finishes" only when a test delivers the event that says so.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from llmux.config import Config
+from llmux.errors import (
+    InsufficientVram,
+    LlmuxError,
+    ModelLoadFailed,
+    ModelUnavailable,
+    QueueFull,
+    QueueTimeout,
+)
+from llmux.scheduling.core import PASSOVER_BOUND_S, SchedulerCore
+from llmux.scheduling.events import (
+    Acquire,
+    Cancel,
+    Deadline,
+    Event,
+    LoadFinished,
+    Notice,
+    ProcessExited,
+    Release,
+    Shutdown,
+    StopFinished,
+    StopReason,
+    TtlExpired,
+    Unload,
+)
+from llmux.scheduling.state import ModelState, WaiterKind
+
+# ---------------------------------------------------------------------------- test doubles
+
+
+class Clock:
+    """A monotonic clock that moves only when told to."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.now += seconds
+
+
+@dataclass(frozen=True)
+class Call:
+    """One effect the core asked for, in order."""
+
+    name: str
+    args: tuple[Any, ...]
+
+
+class Recorder:
+    """Implements the ``Effects`` protocol by recording every call; ``listener`` (if any) sees
+    each call the moment the core makes it, with the core's state as it is then."""
+
+    def __init__(self, listener: Callable[[Call], None] | None = None) -> None:
+        self.calls: list[Call] = []
+        self.listener = listener
+
+    def _record(self, name: str, *args: Any) -> None:
+        call = Call(name, args)
+        self.calls.append(call)
+        if self.listener is not None:
+            self.listener(call)
+
+    def start_load(self, model_id: str, generation: int) -> None:
+        self._record("start_load", model_id, generation)
+
+    def stop(self, model_id: str, generation: int, reason: StopReason) -> None:
+        self._record("stop", model_id, generation, reason)
+
+    def grant(self, rid: int, model_id: str, generation: int) -> None:
+        self._record("grant", rid, model_id, generation)
+
+    def answer(self, rid: int) -> None:
+        self._record("answer", rid)
+
+    def reject(self, rid: int, error: LlmuxError) -> None:
+        self._record("reject", rid, error)
+
+    def call_at(self, when: float, event: Event) -> None:
+        self._record("call_at", when, event)
+
+    def notify(self, notice: Notice, model_id: str, reason: str) -> None:
+        self._record("notify", notice, model_id, reason)
+
+    # -- queries
+
+    def of(self, name: str) -> list[tuple[Any, ...]]:
+        return [c.args for c in self.calls if c.name == name]
+
+    def loads(self) -> list[tuple[str, int]]:
+        return [(a[0], a[1]) for a in self.of("start_load")]
+
+    def stops(self) -> list[tuple[str, int, StopReason]]:
+        return [(a[0], a[1], a[2]) for a in self.of("stop")]
+
+    def granted(self) -> list[int]:
+        return [a[0] for a in self.of("grant")]
+
+    def answered(self) -> list[int]:
+        return [a[0] for a in self.of("answer")]
+
+    def rejected(self) -> dict[int, LlmuxError]:
+        return {a[0]: a[1] for a in self.of("reject")}
+
+    def timers(self) -> list[tuple[float, Event]]:
+        return [(a[0], a[1]) for a in self.of("call_at")]
+
+    def notices(self, notice: Notice) -> list[tuple[str, str]]:
+        return [(a[1], a[2]) for a in self.of("notify") if a[0] is notice]
+
+
+def make_config(models: Mapping[str, Mapping[str, Any]], **server: Any) -> Config:
+    return Config.model_validate(
+        {
+            "server": server,
+            "models": {
+                mid: {"cmd": f"serve {mid} --port ${{PORT}}", **m} for mid, m in models.items()
+            },
+        }
+    )
+
+
+@dataclass
+class Rig:
+    core: SchedulerCore
+    rec: Recorder
+    clock: Clock
+    rids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def acquire(self, model_id: str, kind: WaiterKind = WaiterKind.REQUEST) -> int:
+        rid = next(self.rids)
+        self.core.handle(Acquire(rid, model_id, kind))
+        self.core.check_invariants()
+        return rid
+
+    def send(self, event: Event) -> None:
+        self.core.handle(event)
+        self.core.check_invariants()
+
+    def unload(self, model_id: str) -> int:
+        rid = next(self.rids)
+        self.send(Unload(rid, model_id))
+        return rid
+
+    def gen(self, model_id: str) -> int:
+        return self.core.models[model_id].generation
+
+    def state(self, model_id: str) -> ModelState:
+        return self.core.models[model_id].state
+
+    def loaded(self, model_id: str, pid: int = 4242) -> None:
+        self.send(LoadFinished(model_id, self.gen(model_id), pid=pid))
+
+    def stopped(self, model_id: str) -> None:
+        self.send(StopFinished(model_id, self.gen(model_id)))
+
+    def ready(self, model_id: str) -> int:
+        """Load ``model_id`` by a request, hold the lease, return its rid."""
+        rid = self.acquire(model_id)
+        self.loaded(model_id)
+        assert rid in self.rec.granted()
+        return rid
+
+    def fire(self, event_type: type[Any], **match: Any) -> float:
+        """Advance the clock to the recorded timer of that type (and fields) and deliver it."""
+        for when, ev in self.rec.timers():
+            if isinstance(ev, event_type) and all(getattr(ev, k) == v for k, v in match.items()):
+                self.clock.now = max(self.clock.now, when)
+                self.send(ev)
+                return when
+        raise AssertionError(f"no {event_type.__name__} timer matching {match}")
+
+
+def rig(
+    models: Mapping[str, Mapping[str, Any]],
+    budget: float = 10.0,
+    passover_bound: float = PASSOVER_BOUND_S,
+    **server: Any,
+) -> Rig:
+    clock = Clock()
+    rec = Recorder()
+    core = SchedulerCore(
+        make_config(models, **server),
+        budget,
+        rec,
+        clock=clock,
+        wall=lambda: 1.7e9 + clock.now,
+        passover_bound=passover_bound,
+    )
+    return Rig(core, rec, clock)
+
+
+# ---------------------------------------------------------------------------- scenarios
+
+
+def test_single_flight_one_load_serves_every_waiter() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 4}})
+    rids = [r.acquire("a") for _ in range(3)]
+    assert r.rec.loads() == [("a", 1)]
+    assert r.state("a") is ModelState.LOADING
+    assert r.core.queued("a") == 3
+    assert r.rec.granted() == []
+    r.loaded("a")
+    assert r.rec.loads() == [("a", 1)]
+    assert sorted(r.rec.granted()) == rids
+    assert r.core.models["a"].in_flight == 3
+    assert r.core.queued("a") == 0
+
+
+def test_failed_load_rejects_every_waiter_and_the_next_request_tries_again() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 4}})
+    rids = [r.acquire("a") for _ in range(2)]
+    error = "exited with status 1\nCUDA out of memory: tried to allocate 2 GB"
+    r.send(LoadFinished("a", 1, error=error))
+    rejected = r.rec.rejected()
+    assert sorted(rejected) == rids
+    for rid in rids:
+        assert isinstance(rejected[rid], ModelLoadFailed)
+        assert "CUDA out of memory" in rejected[rid].message
+    m = r.core.models["a"]
+    assert m.state is ModelState.UNLOADED
+    assert m.last_error == error
+    assert r.core.reserved_gb == 0
+    assert (Notice.LOAD_FAILED, "a") in [(n, mid) for n, mid, _ in r.rec.of("notify")]
+
+    again = r.acquire("a")
+    assert r.rec.loads() == [("a", 1), ("a", 2)]
+    assert m.last_error == error  # kept until a load succeeds
+    r.loaded("a")
+    assert again in r.rec.granted()
+    assert m.last_error is None
+
+
+def test_failed_load_with_an_empty_error_text_still_rejects() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 4}})
+    rid = r.acquire("a")
+    r.send(LoadFinished("a", 1, error=""))
+    assert isinstance(r.rec.rejected()[rid], ModelLoadFailed)
+    assert r.state("a") is ModelState.UNLOADED
+
+
+def test_crash_releases_the_reservation_and_the_next_request_reloads() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 4}})
+    held = r.ready("a")
+    assert r.core.reserved_gb == 4
+    r.send(ProcessExited("a", 1, returncode=-11, log_tail="segfault in ggml"))
+    m = r.core.models["a"]
+    assert m.state is ModelState.UNLOADED
+    assert m.in_flight == 0
+    assert r.core.reserved_gb == 0
+    assert m.last_error is not None
+    assert "-11" in m.last_error
+    assert "segfault in ggml" in m.last_error
+    assert r.rec.stops() == []  # the process is gone already
+    r.send(Release(held))  # the relay's late release of the dead lease changes nothing
+    assert m.in_flight == 0
+
+    again = r.acquire("a")
+    assert r.rec.loads() == [("a", 1), ("a", 2)]
+    r.loaded("a")
+    assert again in r.rec.granted()
+    assert m.in_flight == 1
+    assert m.last_error is None
+
+
+def test_busy_victim_drains_and_stops_after_its_last_release() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 6}, "b": {"type": "llm", "vram_gb": 6}})
+    h1 = r.ready("a")
+    h2 = r.acquire("a")  # ready: granted at once
+    assert h2 in r.rec.granted()
+    want = r.acquire("b")
+    assert r.state("a") is ModelState.DRAINING
+    assert r.rec.stops() == []
+    assert r.state("b") is ModelState.UNLOADED
+    assert r.core.queued("b") == 1
+    assert r.core.pending == {"b": 6}
+    r.send(Release(h1))
+    assert r.rec.stops() == []
+    assert r.state("a") is ModelState.DRAINING
+    r.send(Release(h2))
+    assert r.rec.stops() == [("a", 1, StopReason.PRIORITY)]
+    assert r.state("a") is ModelState.UNLOADING
+    assert ("b", 1) not in r.rec.loads()  # memory not back yet
+    r.stopped("a")
+    assert r.rec.loads()[-1] == ("b", 1)
+    r.loaded("b")
+    assert want in r.rec.granted()
+
+
+def test_request_for_a_draining_model_waits_and_reloads_it() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 6}, "t": {"type": "tts", "vram_gb": 6}})
+    held = r.ready("a")
+    t = r.acquire("t")  # tts may evict llm: 'a' (busy) drains
+    assert r.state("a") is ModelState.DRAINING
+    late = r.acquire("a")
+    assert late not in r.rec.granted()
+    assert r.core.queued("a") == 1
+    r.send(Release(held))
+    assert r.rec.stops() == [("a", 1, StopReason.PRIORITY)]
+    r.stopped("a")
+    assert r.rec.loads() == [("a", 1), ("t", 1)]
+    r.loaded("t")
+    assert t in r.rec.granted()
+    # 'a' comes back by evicting 't' (llm may evict tts), once 't' drains.
+    assert r.state("t") is ModelState.DRAINING
+    r.send(Release(t))
+    r.stopped("t")
+    assert r.rec.loads()[-1] == ("a", 2)
+    r.loaded("a")
+    assert late in r.rec.granted()
+
+
+def test_queue_full_is_429_for_the_request_past_max_queue() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 4}, "b": {"type": "tts", "vram_gb": 1}}, max_queue=2)
+    first = r.acquire("a")
+    second = r.acquire("b")
+    third = r.acquire("a")
+    rejected = r.rec.rejected()
+    assert first not in rejected
+    assert second not in rejected
+    assert isinstance(rejected[third], QueueFull)
+    assert rejected[third].status == 429
+    assert r.core.queued_requests == 2
+    # Admin loads do not count against max_queue; requests for ready models never wait.
+    admin = r.acquire("a", WaiterKind.ADMIN_LOAD)
+    assert admin not in r.rec.rejected()
+    r.loaded("a")
+    assert first in r.rec.granted()
+    assert admin in r.rec.answered()
+    assert r.acquire("a") in r.rec.granted()
+
+
+def test_deadline_rejects_a_request_still_waiting() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 4}}, queue_timeout="30s")
+    rid = r.acquire("a")
+    when = r.fire(Deadline, rid=rid)
+    assert when == pytest.approx(1030.0)
+    err = r.rec.rejected()[rid]
+    assert isinstance(err, QueueTimeout)
+    assert err.status == 504
+    assert r.core.queued("a") == 0
+    # The load goes on and ends with nobody waiting: the model is ready and idle.
+    r.loaded("a")
+    assert r.rec.granted() == []
+    assert r.state("a") is ModelState.READY
+
+
+def test_deadline_after_the_grant_is_ignored() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 4}}, queue_timeout="30s")
+    rid = r.acquire("a")
+    r.loaded("a")
+    r.fire(Deadline, rid=rid)
+    assert rid not in r.rec.rejected()
+    assert r.core.models["a"].in_flight == 1
+
+
+def test_deadline_of_a_pending_load_drops_its_promise() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 6}, "b": {"type": "llm", "vram_gb": 6}})
+    held = r.ready("a")
+    rid = r.acquire("b")
+    assert r.core.pending == {"b": 6}
+    r.fire(Deadline, rid=rid)
+    assert isinstance(r.rec.rejected()[rid], QueueTimeout)
+    assert r.core.pending == {}
+    r.send(Release(held))  # the drain that began still ends in a stop
+    assert r.rec.stops() == [("a", 1, StopReason.PRIORITY)]
+    r.stopped("a")
+    assert r.rec.loads() == [("a", 1)]
+
+
+def test_ttl_stops_an_idle_model_at_the_recorded_time() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 4, "ttl": "60s"}})
+    rid = r.ready("a")
+    assert not any(isinstance(ev, TtlExpired) for _, ev in r.rec.timers())  # busy: no ttl
+    r.clock.advance(5)
+    r.send(Release(rid))
+    when = r.fire(TtlExpired, model_id="a")
+    assert when == pytest.approx(1065.0)
+    assert r.rec.stops() == [("a", 1, StopReason.TTL)]
+    r.stopped("a")
+    assert r.core.reserved_gb == 0
+
+
+def test_ttl_timer_of_an_earlier_idle_spell_does_nothing() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 4, "ttl": "60s"}})
+    r.send(Release(r.ready("a")))
+    r.clock.advance(30)
+    r.send(Release(r.acquire("a")))  # used again: idle since t+30
+    r.fire(TtlExpired, model_id="a")  # the first timer, at t+60
+    assert r.rec.stops() == []
+    timers = [when for when, ev in r.rec.timers() if isinstance(ev, TtlExpired)]
+    r.clock.now = timers[-1]
+    r.send(TtlExpired("a", 1))
+    assert r.rec.stops() == [("a", 1, StopReason.TTL)]
+
+
+def test_ttl_does_not_stop_a_busy_model() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 4, "ttl": "60s"}})
+    r.send(Release(r.ready("a")))
+    r.acquire("a")
+    r.fire(TtlExpired, model_id="a")
+    assert r.rec.stops() == []
+
+
+def test_pinned_preload_is_never_a_victim_but_admin_unload_unloads_it() -> None:
+    r = rig(
+        {
+            "p": {"type": "llm", "vram_gb": 6, "pinned": True, "ttl": 1},
+            "a": {"type": "llm", "vram_gb": 6},
+        }
+    )
+    pre = r.acquire("p", WaiterKind.PRELOAD)
+    assert not any(isinstance(ev, Deadline) for _, ev in r.rec.timers())  # nobody waits on it
+    r.loaded("p")
+    assert r.state("p") is ModelState.READY
+    assert pre not in r.rec.granted()
+    assert r.core.models["p"].in_flight == 0
+    assert not any(isinstance(ev, TtlExpired) for _, ev in r.rec.timers())  # pinned: no ttl
+
+    rid = r.acquire("a")
+    err = r.rec.rejected()[rid]
+    assert isinstance(err, InsufficientVram)
+    assert "p (6 GB)" in err.message
+    assert r.rec.stops() == []
+    assert r.state("p") is ModelState.READY
+
+    admin = r.unload("p")
+    assert r.rec.stops() == [("p", 1, StopReason.ADMIN)]
+    assert admin not in r.rec.answered()
+    r.stopped("p")
+    assert admin in r.rec.answered()
+    assert r.state("p") is ModelState.UNLOADED
+    r.acquire("a")  # now 'a' fits
+    assert r.rec.loads()[-1] == ("a", 1)
+
+
+def test_admin_unload_of_a_busy_model_drains_then_answers_after_the_stop() -> None:
+    r = rig({"a": {"type": "asr", "vram_gb": 4}})
+    held = r.ready("a")
+    admin = r.unload("a")
+    assert r.state("a") is ModelState.DRAINING
+    assert r.rec.stops() == []
+    assert admin not in r.rec.answered()
+    later = r.acquire("a")  # waits for the model to come back
+    assert later not in r.rec.granted()
+    r.send(Release(held))
+    assert r.rec.stops() == [("a", 1, StopReason.ADMIN)]
+    assert admin not in r.rec.answered()
+    r.stopped("a")
+    assert admin in r.rec.answered()
+    assert r.rec.loads() == [("a", 1), ("a", 2)]  # the waiter loads it again
+    r.loaded("a")
+    assert later in r.rec.granted()
+
+
+def test_shutdown_rejects_waiters_and_stops_a_busy_model_after_its_drain() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 6}, "b": {"type": "llm", "vram_gb": 6}})
+    held = r.ready("a")
+    waiting = r.acquire("b")
+    r.send(Shutdown())
+    assert isinstance(r.rec.rejected()[waiting], ModelUnavailable)
+    assert r.state("a") is ModelState.DRAINING
+    r.send(Release(held))
+    assert r.rec.stops()[-1] == ("a", 1, StopReason.PRIORITY)  # doomed for 'b' before shutdown
+    r.stopped("a")
+    assert r.rec.loads() == [("a", 1)]
+    late = r.acquire("a")
+    assert isinstance(r.rec.rejected()[late], ModelUnavailable)
+
+
+def test_shutdown_stop_of_a_drained_model_says_shutdown() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 6}})
+    held = r.ready("a")
+    r.send(Shutdown())
+    assert r.rec.stops() == []
+    r.send(Release(held))
+    assert r.rec.stops() == [("a", 1, StopReason.SHUTDOWN)]
+
+
+def test_admin_unload_of_an_unloaded_model_answers_at_once() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 4}})
+    assert r.unload("a") in r.rec.answered()
+
+
+def test_admin_unload_of_a_loading_model_waits_for_ready_then_stops() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 4}})
+    r.acquire("a", WaiterKind.ADMIN_LOAD)
+    admin = r.unload("a")
+    assert r.rec.stops() == []
+    r.loaded("a")
+    assert r.rec.stops() == [("a", 1, StopReason.ADMIN)]
+    r.stopped("a")
+    assert admin in r.rec.answered()
+
+
+def test_infeasible_request_evicts_nothing_and_names_the_holders() -> None:
+    """The seed's bug, through the core: the LLM request fails at once and no TTS is stopped."""
+    r = rig(
+        {
+            "asr": {"type": "asr", "vram_gb": 6},
+            "t1": {"type": "tts", "vram_gb": 2},
+            "t2": {"type": "tts", "vram_gb": 1},
+            "big": {"type": "llm", "vram_gb": 5},
+        }
+    )
+    r.send(Release(r.ready("asr")))
+    r.send(Release(r.ready("t1")))
+    r.ready("t2")
+    rid = r.acquire("big")
+    err = r.rec.rejected()[rid]
+    assert isinstance(err, InsufficientVram)
+    assert err.status == 503
+    assert "asr (6 GB)" in err.message
+    assert r.rec.stops() == []
+    assert r.rec.notices(Notice.DRAINING) == []
+    assert {mid: r.state(mid) for mid in ("asr", "t1", "t2")} == dict.fromkeys(
+        ("asr", "t1", "t2"), ModelState.READY
+    )
+    assert r.core.queued_requests == 0
+
+
+def _passover_rig() -> tuple[Rig, int, int]:
+    """big (llm 8) loading; 'low' (llm 6) waits; 'high' (tts 6) arrives later; only one fits."""
+    r = rig(
+        {
+            "big": {"type": "llm", "vram_gb": 8},
+            "low": {"type": "llm", "vram_gb": 6},
+            "high": {"type": "tts", "vram_gb": 6},
+        }
+    )
+    held = r.acquire("big")
+    low = r.acquire("low")
+    return r, held, low
+
+
+def _run_passover(r: Rig, held: int) -> list[str]:
+    r.loaded("big")
+    r.send(Release(held))
+    r.stopped("big")
+    first = r.rec.loads()[-1][0]
+    r.loaded(first)
+    return [mid for mid, _ in r.rec.loads()]
+
+
+def test_higher_tier_waiting_request_is_planned_before_a_lower_one() -> None:
+    r, held, low = _passover_rig()
+    r.clock.advance(1)
+    high = r.acquire("high")
+    assert r.core.queued("low") == 1
+    assert r.core.queued("high") == 1
+    assert _run_passover(r, held) == ["big", "high"]
+    assert high in r.rec.granted()
+    assert low not in r.rec.granted()
+    assert r.core.queued("low") == 1  # high is busy now; low waits for it
+
+
+def test_passover_bound_plans_a_long_waiting_lower_tier_first() -> None:
+    r, held, low = _passover_rig()
+    r.clock.advance(PASSOVER_BOUND_S + 1)
+    high = r.acquire("high")
+    assert _run_passover(r, held) == ["big", "low"]
+    assert low in r.rec.granted()
+    assert high not in r.rec.granted()
+
+
+def test_ready_models_are_served_while_another_model_loads() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 4}, "b": {"type": "tts", "vram_gb": 4}})
+    r.send(Release(r.ready("a")))
+    slow = r.acquire("b")
+    assert r.state("b") is ModelState.LOADING
+    quick = [r.acquire("a") for _ in range(3)]
+    assert r.rec.granted()[-3:] == quick
+    assert slow not in r.rec.granted()
+    r.loaded("b")
+    assert slow in r.rec.granted()
+    # And while another model drains and unloads.
+    admin = r.unload("a")
+    assert r.state("a") is ModelState.DRAINING  # three leases in flight
+    assert r.acquire("b") == r.rec.granted()[-1]
+    for rid in quick:
+        r.send(Release(rid))
+    assert r.state("a") is ModelState.UNLOADING
+    assert r.acquire("b") == r.rec.granted()[-1]
+    r.stopped("a")
+    assert admin in r.rec.answered()
+
+
+def test_stale_events_of_an_older_generation_are_ignored() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 4, "ttl": 10}})
+    first = r.ready("a")
+    r.send(ProcessExited("a", 1, returncode=1))  # crash: generation 1 is over
+    second = r.acquire("a")
+    assert r.gen("a") == 2
+    n = len(r.rec.calls)
+    for stale in (
+        LoadFinished("a", 1, error="late failure of the first load"),
+        LoadFinished("a", 1, pid=1),
+        ProcessExited("a", 1, returncode=9),
+        StopFinished("a", 1),
+        TtlExpired("a", 1),
+        Release(first),
+    ):
+        r.send(stale)
+        assert r.state("a") is ModelState.LOADING, stale
+    assert r.rec.calls[n:] == []
+    r.loaded("a")
+    assert second in r.rec.granted()
+    n = len(r.rec.calls)
+    for stale in (
+        ProcessExited("a", 1, returncode=9),
+        StopFinished("a", 1),
+        LoadFinished("a", 2, error="duplicate"),
+        TtlExpired("a", 1),
+        Release(first),
+    ):
+        r.send(stale)
+        assert r.state("a") is ModelState.READY, stale
+    assert r.rec.calls[n:] == []
+    assert r.core.models["a"].in_flight == 1
+    assert r.core.models["a"].last_error is None
+
+
+# ---------------------------------------------------------------------------- state machine
+
+TYPES = ("llm", "llm", "llm", "tts", "tts", "asr")
+"""Drawn uniformly: mostly evictable models, so that evictions (not 503s) are the common case."""
+BUDGET = 10.0
+
+
+@st.composite
+def model_specs(draw: st.DrawFn) -> dict[str, dict[str, Any]]:
+    n = draw(st.integers(2, 5))
+    specs: dict[str, dict[str, Any]] = {}
+    for i in range(n):
+        spec: dict[str, Any] = {
+            "type": draw(st.sampled_from(TYPES)),
+            # Mostly sizes of which two or three fit the 10 GB budget together; now and then
+            # one that fits only alone (7.5, 10: or not at all beside a pinned model), or never.
+            "vram_gb": draw(st.sampled_from([0.5, 1, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7.5, 10])),
+        }
+        if draw(st.integers(0, 19)) == 0:
+            spec["vram_gb"] = 12.0
+        if draw(st.integers(0, 5)) == 0:
+            spec["pinned"] = True
+        if draw(st.booleans()):
+            spec["ttl"] = draw(st.sampled_from([5.0, 30.0, 120.0]))
+        specs[f"m{i}-{spec['type']}"] = spec
+    return specs
+
+
+@dataclass
+class Asked:
+    rid: int
+    model_id: str
+    kind: WaiterKind
+    at: float
+    outcome: str | None = None
+    """None while waiting; then granted, answered, rejected, cancelled or preloaded."""
+    error: LlmuxError | None = None
+
+
+RARELY = st.integers(0, 2)
+"""Drawn by disruptive rules (crash, admin unload, stale events), which act only on 0: without
+it they free memory so often that priority evictions become rare."""
+
+
+class CoreMachine(RuleBasedStateMachine):
+    """Random events against the core; an independent model of who waits, who holds a lease,
+    what is loading and stopping, checked against every effect the core asks for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.rec = Recorder(self.on_effect)
+        self.rids = itertools.count(1)
+        self.asked: dict[int, Asked] = {}
+        self.leases: dict[int, tuple[str, int]] = {}
+        """Granted and not released, nor dropped by a crash: rid -> (model, generation)."""
+        self.loads: dict[str, int] = {}
+        """start_load asked for and not finished: model -> generation."""
+        self.stops: dict[str, int] = {}
+        self.draining: dict[str, StopReason] = {}
+        self.last_ttl: dict[str, tuple[float, Event]] = {}
+        """The latest ttl timer asked for, per model: the one that must stop it if still idle."""
+        self.unloads: dict[int, str] = {}
+        """Admin unloads not answered yet: rid -> model."""
+        self.timers: list[tuple[float, int, Event]] = []
+        self.timer_seq = itertools.count()
+        self.max_queue = 0
+        self.queue_timeout = 0.0
+        self.pumped_at = self.clock.now
+
+    # -- setup
+
+    @initialize(
+        specs=model_specs(),
+        max_queue=st.sampled_from([1, 3, 8, 20]),
+        queue_timeout=st.sampled_from([20.0, 60.0, 300.0]),
+    )
+    def setup(self, specs: dict[str, dict[str, Any]], max_queue: int, queue_timeout: float) -> None:
+        self.max_queue = max_queue
+        self.queue_timeout = queue_timeout
+        config = make_config(specs, max_queue=max_queue, queue_timeout=queue_timeout)
+        self.config = config
+        self.core = SchedulerCore(
+            config, BUDGET, self.rec, clock=self.clock, wall=lambda: 1.7e9 + self.clock.now
+        )
+        self.ids = sorted(config.models)
+        for mid in self.ids:
+            if config.models[mid].pinned:
+                self._acquire(mid, WaiterKind.PRELOAD)
+
+    # -- helpers
+
+    def rank(self, mid: str) -> int:
+        return self.core.models[mid].tier_rank
+
+    def allowed(self, requester: str, victim: str) -> bool:
+        """Rule 2, written again from DESIGN.md (not from the planner)."""
+        v = self.core.models[victim]
+        if v.pinned or victim == requester:
+            return False
+        return v.tier_rank <= self.rank(requester) or not v.protected
+
+    def waiting(self) -> list[Asked]:
+        return [a for a in self.asked.values() if a.outcome is None]
+
+    def held(self, mid: str) -> int:
+        return sum(1 for m, _ in self.leases.values() if m == mid)
+
+    def send(self, event: Event) -> None:
+        self.core.handle(event)
+        self.pumped_at = self.clock.now
+
+    def _acquire(self, mid: str, kind: WaiterKind) -> int:
+        rid = next(self.rids)
+        self.asked[rid] = Asked(rid, mid, kind, self.clock.now)
+        self.send(Acquire(rid, mid, kind))
+        return rid
+
+    def on_effect(self, call: Call) -> None:
+        """Check each effect, when the core makes it, against the model of the world; then
+        update the model."""
+        getattr(self, f"_on_{call.name}")(*call.args)
+
+    def _on_start_load(self, mid: str, gen: int) -> None:
+        assert mid not in self.loads, f"second load of {mid} while one is running (rule 6)"
+        assert mid not in self.stops, f"{mid} loads while its stop is running"
+        self.loads[mid] = gen
+
+    def _on_stop(self, mid: str, gen: int, reason: StopReason) -> None:
+        assert self.held(mid) == 0, f"{mid} stopped with {self.held(mid)} in flight (rule 5)"
+        assert mid not in self.loads, f"{mid} stopped while loading (rule 5)"
+        assert mid not in self.stops
+        if mid in self.draining:
+            drained_for = self.draining.pop(mid)
+            assert reason is drained_for, f"{mid} drained for {drained_for}, stopped for {reason}"
+        else:
+            self._check_doom(mid, reason)
+        self.stops[mid] = gen
+
+    def _on_notify(self, notice: Notice, mid: str, reason: str) -> None:
+        if notice is Notice.DRAINING:
+            assert mid not in self.draining
+            doom = StopReason(reason)
+            self._check_doom(mid, doom)
+            self.draining[mid] = doom
+
+    def _check_doom(self, mid: str, reason: StopReason) -> None:
+        m = self.core.models[mid]
+        if reason is StopReason.PRIORITY:
+            assert not m.pinned, f"pinned {mid} evicted by a request (rule 2)"
+            requesters = [a.model_id for a in self.waiting() if self.allowed(a.model_id, mid)]
+            assert requesters, (
+                f"{mid} (tier {m.tier}) evicted with no waiter allowed to evict it: "
+                f"{[(a.model_id, a.kind.value) for a in self.waiting()]}"
+            )
+        elif reason is StopReason.TTL:
+            assert not m.pinned
+            assert m.ttl is not None
+        elif reason is StopReason.ADMIN:
+            assert mid in self.unloads.values(), f"{mid} stopped for admin with no admin unload"
+        else:
+            raise AssertionError(f"unexpected stop reason {reason} for {mid}")
+
+    def _on_grant(self, rid: int, mid: str, gen: int) -> None:
+        a = self.asked[rid]
+        assert a.outcome is None, f"rid {rid} answered twice"
+        assert a.kind is WaiterKind.REQUEST
+        assert a.model_id == mid
+        m = self.core.models[mid]
+        assert m.state is ModelState.READY, f"grant on {mid} in {m.state}"
+        assert gen == m.generation
+        a.outcome = "granted"
+        self.leases[rid] = (mid, gen)
+
+    def _on_answer(self, rid: int) -> None:
+        if rid in self.unloads:
+            mid = self.unloads.pop(rid)
+            assert self.core.models[mid].state is ModelState.UNLOADED, (
+                f"unload of {mid} answered early"
+            )
+            return
+        a = self.asked[rid]
+        assert a.outcome is None, f"rid {rid} answered twice"
+        assert a.kind is WaiterKind.ADMIN_LOAD
+        assert self.core.models[a.model_id].state is ModelState.READY
+        a.outcome = "answered"
+
+    def _on_reject(self, rid: int, error: LlmuxError) -> None:
+        a = self.asked[rid]
+        assert a.outcome is None, f"rid {rid} answered twice"
+        a.outcome = "rejected"
+        a.error = error
+        if isinstance(error, QueueTimeout):
+            assert self.clock.now + 1e-9 >= a.at + self.queue_timeout
+        elif isinstance(error, QueueFull):
+            assert a.kind is WaiterKind.REQUEST
+            assert self.core.queued_requests >= self.max_queue
+        elif isinstance(error, ModelLoadFailed):
+            assert self.core.models[a.model_id].state is ModelState.UNLOADED
+        else:
+            assert isinstance(error, InsufficientVram), error
+            # Rule 4: only when even every eviction rule 2 allows would not make room.
+            mid = a.model_id
+            held = sum(
+                m.reservation_gb
+                for m in self.core.models.values()
+                if m.state in (ModelState.LOADING, ModelState.READY)
+                and not self.allowed(mid, m.model_id)
+            )
+            held += sum(
+                gb for p, gb in self.core.pending.items() if p != mid and not self.allowed(mid, p)
+            )
+            need = self.core.models[mid].reservation_gb
+            assert need > BUDGET - held + 1e-9, f"{mid} ({need} GB) rejected, {held} GB held"
+
+    def _on_call_at(self, when: float, event: Event) -> None:
+        assert when >= self.clock.now
+        if isinstance(event, TtlExpired):
+            m = self.core.models[event.model_id]
+            assert not m.pinned
+            assert m.ttl is not None
+            assert when == pytest.approx(self.clock.now + m.ttl)
+            self.last_ttl[event.model_id] = (when, event)
+        heapq.heappush(self.timers, (when, next(self.timer_seq), event))
+
+    # -- rules
+
+    @rule(i=st.integers(0, 4), admin=st.integers(0, 7))
+    def acquire(self, i: int, admin: int) -> None:
+        """A request (now and then an admin load) for one model."""
+        kind = WaiterKind.ADMIN_LOAD if admin == 0 else WaiterKind.REQUEST
+        self._acquire(self.ids[i % len(self.ids)], kind)
+
+    @rule(i=st.integers(0, 4), n=st.integers(1, 3))
+    def acquire_burst(self, i: int, n: int) -> None:
+        """Several requests for one model at once (rule 6: they share one load)."""
+        mid = self.ids[i % len(self.ids)]
+        loads = len([m for m, _ in self.rec.loads() if m == mid])
+        for _ in range(n):
+            self._acquire(mid, WaiterKind.REQUEST)
+        assert len([m for m, _ in self.rec.loads() if m == mid]) - loads <= 1
+
+    @precondition(lambda self: bool(self.leases))
+    @rule(data=st.data(), cancel=st.booleans())
+    def release(self, data: st.DataObject, cancel: bool) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.leases)))
+        del self.leases[rid]
+        self.send(Cancel(rid) if cancel else Release(rid))
+
+    @precondition(lambda self: any(a.kind is not WaiterKind.PRELOAD for a in self.waiting()))
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        rids = sorted(a.rid for a in self.waiting() if a.kind is not WaiterKind.PRELOAD)
+        rid = data.draw(st.sampled_from(rids))
+        self.asked[rid].outcome = "cancelled"
+        self.send(Cancel(rid))
+
+    @precondition(lambda self: bool(self.loads))
+    @rule(data=st.data(), ok=st.integers(0, 4))
+    def finish_load(self, data: st.DataObject, ok: int) -> None:
+        mid = data.draw(st.sampled_from(sorted(self.loads)))
+        self._finish_load(mid, ok > 0)
+
+    def _finish_load(self, mid: str, ok: bool) -> None:
+        gen = self.loads.pop(mid)
+        waiting_here = [a for a in self.waiting() if a.model_id == mid]
+        if ok:
+            self.send(LoadFinished(mid, gen, pid=1000 + gen))
+            for a in waiting_here:
+                if a.kind is WaiterKind.PRELOAD:
+                    a.outcome = "preloaded"
+                assert a.outcome is not None, f"rid {a.rid} not served by the load of {mid}"
+        else:
+            self.send(LoadFinished(mid, gen, error=f"{mid} exploded\nlast line of its log"))
+            assert self.core.models[mid].last_error is not None
+            for a in waiting_here:
+                assert a.outcome == "rejected", f"rid {a.rid} not answered by the failed load"
+                assert isinstance(a.error, ModelLoadFailed)
+                assert f"{mid} exploded" in a.error.message
+
+    @precondition(
+        lambda self: any(
+            m.state in (ModelState.READY, ModelState.DRAINING) for m in self.core.models.values()
+        )
+    )
+    @rule(data=st.data(), go=RARELY)
+    def crash(self, data: st.DataObject, go: int) -> None:
+        if go:
+            return
+        serving = sorted(
+            mid
+            for mid, m in self.core.models.items()
+            if m.state in (ModelState.READY, ModelState.DRAINING)
+        )
+        mid = data.draw(st.sampled_from(serving))
+        m = self.core.models[mid]
+        for rid in [r for r, (lm, _) in self.leases.items() if lm == mid]:
+            del self.leases[rid]
+        self.draining.pop(mid, None)
+        self.send(ProcessExited(mid, m.generation, returncode=-9, log_tail="killed"))
+        assert m.last_error is not None
+        assert m.in_flight == 0
+
+    @precondition(lambda self: bool(self.stops))
+    @rule(data=st.data())
+    def finish_stop(self, data: st.DataObject) -> None:
+        mid = data.draw(st.sampled_from(sorted(self.stops)))
+        self.send(StopFinished(mid, self.stops.pop(mid)))
+
+    @precondition(lambda self: bool(self.timers))
+    @rule()
+    def fire_timer(self) -> None:
+        self._fire_next_timer()
+
+    def _fire_next_timer(self) -> None:
+        """Advance the clock to the earliest timer and deliver it; check that it did its job."""
+        when, _, event = heapq.heappop(self.timers)
+        self.clock.now = max(self.clock.now, when)
+        expect_timeout = isinstance(event, Deadline) and self.asked[event.rid].outcome is None
+        m = self.core.models[event.model_id] if isinstance(event, TtlExpired) else None
+        expect_ttl_stop = (
+            m is not None
+            and isinstance(event, TtlExpired)
+            and self.last_ttl[event.model_id] == (when, event)
+            and m.generation == event.generation
+            and m.state is ModelState.READY
+            and self.held(event.model_id) == 0
+        )
+        stops = len(self.rec.stops())
+        self.send(event)
+        if isinstance(event, Deadline) and expect_timeout:
+            a = self.asked[event.rid]
+            assert a.outcome == "rejected", f"rid {a.rid} still {a.outcome} after its deadline"
+            assert isinstance(a.error, QueueTimeout)
+        if m is not None and expect_ttl_stop:
+            assert self.rec.stops()[stops:] == [(m.model_id, m.generation, StopReason.TTL)]
+
+    @rule(seconds=st.sampled_from([0.5, 3.0, 11.0]))
+    def tick(self, seconds: float) -> None:
+        """Time passes with no event (the pass-over bound is judged on the next one)."""
+        self.clock.advance(seconds)
+
+    @precondition(
+        lambda self: any(m.state is not ModelState.UNLOADED for m in self.core.models.values())
+    )
+    @rule(data=st.data(), go=RARELY)
+    def admin_unload(self, data: st.DataObject, go: int) -> None:
+        if go:
+            return
+        resident = sorted(
+            mid for mid, m in self.core.models.items() if m.state is not ModelState.UNLOADED
+        )
+        mid = data.draw(st.sampled_from(resident))
+        rid = next(self.rids)
+        self.unloads[rid] = mid
+        self.send(Unload(rid, mid))
+
+    @rule(i=st.integers(0, 4), go=RARELY)
+    def stale_event(self, i: int, go: int) -> None:
+        """Events of an older generation change nothing and cause nothing."""
+        if go:
+            return
+        mid = self.ids[i % len(self.ids)]
+        old = self.core.models[mid].generation - 1
+        if self.clock.now != self.pumped_at:
+            # Time moved since the last event: the next one may plan anew (pass-over bound).
+            self.send(Release(-1))
+        before = len(self.rec.calls)
+        state = self.core.models[mid].state
+        for ev in (
+            LoadFinished(mid, old, pid=1),
+            ProcessExited(mid, old, returncode=1),
+            StopFinished(mid, old),
+            TtlExpired(mid, old),
+        ):
+            self.send(ev)
+        assert self.core.models[mid].state is state
+        assert len(self.rec.calls) == before
+
+    # -- invariants
+
+    @invariant()
+    def core_invariants(self) -> None:
+        if not hasattr(self, "core"):
+            return
+        self.core.check_invariants()
+        assert self.core.reserved_gb <= BUDGET + 1e-9
+        assert self.core.queued_requests <= self.max_queue
+
+    @invariant()
+    def model_agrees_with_core(self) -> None:
+        if not hasattr(self, "core"):
+            return
+        for mid, m in self.core.models.items():
+            assert m.in_flight == self.held(mid), (mid, m.in_flight, self.held(mid))
+            assert (mid in self.loads) == (m.state is ModelState.LOADING), (mid, m.state)
+            assert (mid in self.stops) == (m.state is ModelState.UNLOADING), (mid, m.state)
+            assert (mid in self.draining) == (m.state is ModelState.DRAINING), (mid, m.state)
+            if mid in self.loads:
+                assert self.loads[mid] == m.generation
+        assert set(self.core.waiters) == {a.rid for a in self.waiting()}
+
+    # -- the end: everything settles and everyone has an answer
+
+    def teardown(self) -> None:
+        if not hasattr(self, "core"):
+            return
+        # Finish all work without firing any deadline: nobody may be left waiting (liveness).
+        while self.loads or self.stops or self.leases:
+            if self.loads:
+                self._finish_load(min(self.loads), True)
+            elif self.stops:
+                mid = min(self.stops)
+                self.send(StopFinished(mid, self.stops.pop(mid)))
+            else:
+                rid = min(self.leases)
+                del self.leases[rid]
+                self.send(Release(rid))
+            self.core_invariants()
+            self.model_agrees_with_core()
+        stuck = [(a.rid, a.model_id, a.kind.value) for a in self.waiting()]
+        assert not stuck, f"waiters never answered with nothing left running: {stuck}"
+        assert not self.core.waiters
+        assert not self.core.pending
+        assert not self.unloads, f"admin unloads never answered: {self.unloads}"
+        # Then every timer (deadlines, ttl) fires: none may answer anyone a second time.
+        while self.timers or self.stops:
+            if self.stops:
+                mid = min(self.stops)
+                self.send(StopFinished(mid, self.stops.pop(mid)))
+                continue
+            self._fire_next_timer()
+        self.core_invariants()
+        self.model_agrees_with_core()
+        assert all(a.outcome is not None for a in self.asked.values())
+
+
+CoreMachine.TestCase.settings = settings(
+    max_examples=300,
+    stateful_step_count=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestCoreMachine = CoreMachine.TestCase
