@@ -49,7 +49,8 @@ __all__ = ["ProcessChild", "ProcessLauncher"]
 _PR_SET_PDEATHSIG = 1
 _PROBE_FIRST_DELAY = 0.02
 """Seconds between the first readiness probes; doubles up to ``_PROBE_MAX_DELAY``."""
-_PROBE_MAX_DELAY = 0.25
+_PROBE_MAX_DELAY = 0.05
+"""A ready child is noticed within 50 ms (the bench showed ~125 ms lost at 250 ms)."""
 _PROBE_REQUEST_TIMEOUT = 5.0
 """Longest one probe request may take (a child that accepts but never answers)."""
 _OUTPUT_DRAIN_GRACE = 1.0
