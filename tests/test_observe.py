@@ -213,3 +213,18 @@ models:
     assert error["code"] == "model_load_failed"
     assert "data: [DONE]" not in lines
     wait_until(lambda: server.model("never")["last_error"], 10, "last_error")
+
+
+def test_json_logs_carry_each_decision(start_server: StartServer, tmp_path: Path) -> None:
+    server = start_server(two_llms(tmp_path), args=("--log-format", "json"))
+    chat(server.client(), "a")
+    chat(server.client(), "b")
+    server.stop()
+    records = [json.loads(line) for line in server.log.read_text().splitlines() if line]
+    events = [r["event"] for r in records if "event" in r]
+    evicted = next(e for e in events if e["event"] == "unloading" and e["model"] == "a")
+    assert evicted["reason"] == "priority"
+    assert evicted["tier"] == "llm"
+    assert evicted["budget_gb"] == 4
+    assert [e["event"] for e in events if e["model"] == "b"][:3] == ["queued", "loading", "ready"]
+    assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
