@@ -37,12 +37,12 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from llmux.errors import InvalidRequest, LlmuxError
+from llmux.engines._errors import exception_handlers
+from llmux.errors import InvalidRequest
 
 log = logging.getLogger("llmux.engines.piper")
 
@@ -392,35 +392,7 @@ async def _run_streaming(
             future.result()
 
 
-def _envelope(status: int, message: str, type_: str, code: str | None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
-    return JSONResponse(body, status_code=status)
-
-
-async def _on_llmux_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, LlmuxError)
-    return JSONResponse(exc.envelope(), status_code=exc.status)
-
-
-async def _on_http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    code = "not_found" if exc.status_code == 404 else None
-    return _envelope(exc.status_code, str(exc.detail), type_, code)
-
-
-async def _on_unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error in %s %s", request.method, request.url.path)
-    return _envelope(
-        500, f"Internal error in the piper engine: {type(exc).__name__}", "server_error", None
-    )
-
-
-EXCEPTION_HANDLERS: dict[Any, Any] = {
-    LlmuxError: _on_llmux_error,
-    HTTPException: _on_http_error,
-    Exception: _on_unexpected,
-}
+EXCEPTION_HANDLERS = exception_handlers("piper", log)
 
 
 def create_app(speaker: Speaker, model_id: str = "piper") -> Starlette:
