@@ -60,7 +60,10 @@ models:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("models:\n  m:\n    type: llm\n    vram_gb: lots\n    cmd: x\n", "models.m.vram_gb (line 4)"),
+        (
+            "models:\n  m:\n    type: llm\n    vram_gb: lots\n    cmd: x\n",
+            "models.m.vram_gb (line 4)",
+        ),
         ("models:\n  m:\n    type: robot\n    vram_gb: 1\n    cmd: x\n", "models.m.type (line 3)"),
         ("server:\n  queue_timeout: soon\n", "server.queue_timeout (line 2)"),
         ("server:\n  prot: 1\n", "server.prot (line 2)"),
@@ -103,7 +106,9 @@ def test_check_config_cli(tmp_path: Path) -> None:
     resolved = parse_config(out.stdout)  # the printed config is itself valid
     assert resolved.models["m"].ttl == 60
     bad = tmp_path / "bad.yaml"
-    bad.write_text("server:\n  port: 8080\nmodels:\n  m:\n    type: llm\n    vram_gb: -1\n    cmd: x\n")
+    bad.write_text(
+        "server:\n  port: 8080\nmodels:\n  m:\n    type: llm\n    vram_gb: -1\n    cmd: x\n"
+    )
     out = subprocess.run(
         [sys.executable, "-m", "llmux", "check-config", str(bad)],
         capture_output=True,

@@ -439,6 +439,12 @@ def _logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from llmux.sim.cli import main as simulate
+
+    return simulate(args)
+
+
 def _add_client_parser(
     sub: argparse._SubParsersAction[argparse.ArgumentParser],
     name: str,
@@ -494,6 +500,17 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument(
         "-f", "--follow", action="store_true", help="keep printing new lines until Ctrl-C"
     )
+    sim = sub.add_parser("simulate", help="replay traces through the real scheduler and baselines")
+    sim.add_argument("--scenario", help="scenario YAML (default: bench/scenarios/default.yaml)")
+    sim.add_argument("--overlay", action="append", help="YAML merged over the scenario")
+    sim.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key")
+    sim.add_argument("--policies", nargs="+", help="policies to run (default: the scenario's)")
+    sim.add_argument("--sweep", action="append", help="also run a sweep: gpu, rate")
+    sim.add_argument("--out", default="bench/results", help="output directory")
+    sim.add_argument("--name", help="output name (default: the scenario's name)")
+    sim.add_argument("--jobs", type=int, default=1, help="worker processes")
+    sim.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    sim.set_defaults(func=_simulate)
     return parser
 
 
