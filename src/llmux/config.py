@@ -77,6 +77,18 @@ class TierConfig(_Strict):
     """A protected tier is never evicted for a request of a lower tier."""
 
 
+class CpuFallback(_Strict):
+    """How to run a model on the CPU when the GPU has no room for it without evicting anything.
+
+    A small audio model (a Piper voice, Whisper tiny) answers on the CPU in well under a second,
+    which beats evicting (and later reloading) an LLM. Placement is decided at each load."""
+
+    args: dict[str, Any] = {}
+    """Engines: options merged over ``args`` for the CPU (e.g. ``{device: cpu}``)."""
+    cmd: str | None = None
+    """``cmd`` models: the whole command line for the CPU (``${PORT}`` filled in as usual)."""
+
+
 class ModelConfig(_Strict):
     type: ModelType
     vram_gb: float = Field(ge=0)
@@ -101,6 +113,8 @@ class ModelConfig(_Strict):
     pinned: bool = False
     upstream_model: str | None = None
     """If set, the request's ``model`` field is rewritten to this name before relaying."""
+    cpu_fallback: CpuFallback | None = None
+    """If set, a load that would have to evict (or wait) runs on the CPU instead, without VRAM."""
 
     @model_validator(mode="after")
     def _one_launcher(self) -> ModelConfig:
@@ -108,6 +122,10 @@ class ModelConfig(_Strict):
             raise ValueError("set exactly one of 'cmd' or 'engine'")
         if self.engine is not None and self.model is None:
             raise ValueError(f"engine '{self.engine}' needs 'model' (a path or a packaged model)")
+        if self.cpu_fallback is not None and self.cmd is not None and self.cpu_fallback.cmd is None:
+            raise ValueError("cpu_fallback for a 'cmd' model needs its own 'cmd' for the CPU")
+        if self.cpu_fallback is not None and self.engine is not None and self.cpu_fallback.cmd:
+            raise ValueError("cpu_fallback for an engine takes 'args', not 'cmd'")
         if not self.health.startswith("/"):
             raise ValueError("'health' must be a path starting with '/'")
         return self

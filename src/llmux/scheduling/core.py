@@ -168,7 +168,11 @@ class SchedulerCore:
             self._admit(ev.rid, m, ev.kind)
             return
         # Never fits: say so at once (rule 4), before any queue bound.
-        if m.state is ModelState.UNLOADED and ev.model_id not in self.pending:
+        if (
+            m.state is ModelState.UNLOADED
+            and ev.model_id not in self.pending
+            and not m.cpu_fallback
+        ):
             decision = plan_load(self.snapshot(), ev.model_id)
             if isinstance(decision, Infeasible):
                 self.effects.reject(ev.rid, _insufficient(ev.model_id, decision))
@@ -411,7 +415,8 @@ class SchedulerCore:
         self.pending.pop(m.model_id, None)
         m.move(ModelState.LOADING)
         m.generation += 1
-        self.effects.notify(Notice.LOADING, m.model_id, f"{len(m.waiters)} waiting")
+        where = " on the CPU" if m.on_cpu else ""
+        self.effects.notify(Notice.LOADING, m.model_id, f"{len(m.waiters)} waiting{where}")
         self.effects.start_load(m.model_id, m.generation)
 
     def _free_now(self) -> float:
@@ -453,6 +458,10 @@ class SchedulerCore:
             for m in self._waiting_models():
                 decision = plan_load(self.snapshot(), m.model_id)
                 if isinstance(decision, Start):
+                    self._start(m)
+                elif m.cpu_fallback:
+                    # It would have to evict, wait, or cannot fit: run it on the CPU instead.
+                    m.on_cpu = True
                     self._start(m)
                 elif isinstance(decision, Promise):
                     self.pending[m.model_id] = m.reservation_gb

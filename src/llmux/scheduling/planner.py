@@ -118,7 +118,10 @@ def plan_load(snapshot: Snapshot, model_id: str) -> Decision:
     if need <= projected_free + _EPS:
         return Promise(())
 
-    allowed = [v for v in resident if v.state not in DOOMED and may_evict(me, v)]
+    # A model that holds no VRAM (placed on the CPU) frees nothing: never a victim.
+    allowed = [
+        v for v in resident if v.state not in DOOMED and may_evict(me, v) and v.reservation_gb > 0
+    ]
     candidates = eviction_order([v for v in allowed if v.state is ModelState.READY])
     chosen: list[ModelView] = []
     total = projected_free
@@ -148,7 +151,7 @@ def plan_load(snapshot: Snapshot, model_id: str) -> Decision:
     holders = [
         (v.model_id, v.reservation_gb)
         for v in resident
-        if v.state not in DOOMED and v.model_id not in allowed_ids
+        if v.state not in DOOMED and v.model_id not in allowed_ids and v.reservation_gb > 0
     ]
     holders += [
         (mid, gb)

@@ -61,12 +61,15 @@ class _Running:
     stop_timeout: float
 
 
-def launch_spec(model_id: str, m: ModelConfig) -> LaunchSpec:
-    """The child's command line, from config only. ``cmd`` is split with shlex, never a shell."""
+def launch_spec(model_id: str, m: ModelConfig, on_cpu: bool = False) -> LaunchSpec:
+    """The child's command line, from config only. ``cmd`` is split with shlex, never a shell.
+    ``on_cpu``: the model's ``cpu_fallback`` variant."""
+    fallback = m.cpu_fallback if on_cpu else None
     if m.cmd is not None:
+        cmd = fallback.cmd if fallback is not None and fallback.cmd is not None else m.cmd
         return LaunchSpec(
             model_id=model_id,
-            argv=tuple(shlex.split(m.cmd)),
+            argv=tuple(shlex.split(cmd)),
             health=m.health,
             ready_timeout=m.ready_timeout,
             stop_timeout=m.stop_timeout,
@@ -77,9 +80,10 @@ def launch_spec(model_id: str, m: ModelConfig) -> LaunchSpec:
 
     assert m.engine is not None
     assert m.model is not None
+    args = {**m.args, **fallback.args} if fallback is not None else m.args
     return LaunchSpec(
         model_id=model_id,
-        argv=tuple(engine_argv(m.engine, m.model, m.args)),
+        argv=tuple(engine_argv(m.engine, m.model, args)),
         health=m.health if "health" in m.model_fields_set else engine_health_path(m.engine),
         ready_timeout=m.ready_timeout,
         stop_timeout=m.stop_timeout,
@@ -217,7 +221,8 @@ class Scheduler:
                     "type": m.spec.type if m.spec else None,
                     "tier": m.tier,
                     "state": m.state.value,
-                    "vram_gb": m.reservation_gb,
+                    "vram_gb": m.gpu_gb,
+                    "placement": "cpu" if m.on_cpu else "gpu",
                     "measured_gb": None,
                     "pinned": m.pinned,
                     "in_flight": m.in_flight,
@@ -306,10 +311,10 @@ class Scheduler:
         task.add_done_callback(self._tasks.discard)
 
     async def _load(self, model_id: str, generation: int) -> None:
-        spec = self.core.models[model_id].spec
-        assert spec is not None
+        record = self.core.models[model_id]
+        assert record.spec is not None
         try:
-            launch = launch_spec(model_id, spec)
+            launch = launch_spec(model_id, record.spec, record.on_cpu)
             child = await self.launcher.launch(launch)
         except LaunchFailed as exc:
             self.post(LoadFinished(model_id, generation, error=exc.describe()))

@@ -94,6 +94,8 @@ class ModelRecord:
     """Gone from the config (reload): forgotten once unloaded."""
     spec: ModelConfig | None = None
     """The model's config as of its last (re)configuration."""
+    on_cpu: bool = False
+    """Placed on the CPU (cpu_fallback) for its current process: it holds no VRAM."""
 
     @classmethod
     def from_config(cls, model_id: str, config: Config) -> ModelRecord:
@@ -117,10 +119,22 @@ class ModelRecord:
     unload_waiters: list[int] = field(default_factory=list)
 
     @property
-    def reservation_gb(self) -> float:
+    def gpu_gb(self) -> float:
+        """What it holds (or would hold) on the GPU: max(configured, learned)."""
         return max(self.configured_gb, self.learned_gb)
+
+    @property
+    def reservation_gb(self) -> float:
+        """What it holds now: nothing while placed on the CPU."""
+        return 0.0 if self.on_cpu else self.gpu_gb
+
+    @property
+    def cpu_fallback(self) -> bool:
+        return self.spec is not None and self.spec.cpu_fallback is not None
 
     def move(self, to: ModelState) -> None:
         if to not in _LEGAL[self.state]:
             raise IllegalTransition(f"{self.model_id}: {self.state.value} -> {to.value}")
         self.state = to
+        if to is ModelState.UNLOADED:
+            self.on_cpu = False

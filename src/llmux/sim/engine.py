@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llmux.errors import LlmuxError
+from llmux.scheduling.core import SchedulerCore
 from llmux.scheduling.events import (
     Acquire,
     Cancel,
@@ -101,11 +102,17 @@ class SimEffects:
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
 
+    def _on_cpu(self, model_id: str) -> bool:
+        """Whether the real core placed this model on the CPU (its cpu_fallback) for now."""
+        core = self.sim.policy
+        return isinstance(core, SchedulerCore) and core.models[model_id].on_cpu
+
     def start_load(self, model_id: str, generation: int) -> None:
         sim = self.sim
         now = sim.now
         ready = now + sim.scenario.load_time(model_id)
-        rec = LoadRecord(model_id, generation, now, ready, sim.scenario.gpu_gb(model_id))
+        gb = 0.0 if self._on_cpu(model_id) else sim.scenario.gpu_gb(model_id)
+        rec = LoadRecord(model_id, generation, now, ready, gb)
         sim.rec.loads.append(rec)
         sim.rec.current[model_id] = rec
         sim.push(ready, LoadFinished(model_id, generation, pid=1))
@@ -123,6 +130,9 @@ class SimEffects:
         if rid < 0 or rid not in sim.rec.requests or rid in sim.rec.rejected:
             return
         req = sim.rec.requests[rid]
+        if self._on_cpu(model_id):  # a per-run copy: slow it down for this placement only
+            req.first_byte_s *= sim.scenario.cpu.slowdown
+            req.service_s *= sim.scenario.cpu.slowdown
         sim.rec.granted[rid] = sim.now
         rec = sim.rec.current.get(model_id)
         if rec is not None and req.arrival >= rec.ready - 1e-9:

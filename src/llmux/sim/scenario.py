@@ -52,6 +52,9 @@ class ModelSpec(_Strict):
     """Non-LLM: seconds the model is held per request (to the last byte)."""
     device: Literal["gpu", "cpu"] = "gpu"
     """cpu: no GPU memory; first byte and service times are multiplied by ``cpu.slowdown``."""
+    cpu_fallback: bool = False
+    """llmux only (its ``cpu_fallback`` config): a load that would have to evict or wait runs
+    on the CPU instead (no GPU memory, times x ``cpu.slowdown`` while placed there)."""
     pinned: bool = False
 
     @model_validator(mode="after")
@@ -217,6 +220,11 @@ class Scenario(_Strict):
                     "cmd": f"simulated {mid}",
                     "tier": self.tier_of(mid),
                     "pinned": m.pinned,
+                    **(
+                        {"cpu_fallback": {"cmd": f"simulated {mid} on cpu"}}
+                        if m.cpu_fallback
+                        else {}
+                    ),
                 }
                 for mid, m in self.models.items()
             },
