@@ -672,6 +672,8 @@ def model_specs(draw: st.DrawFn) -> dict[str, dict[str, Any]]:
             spec["pinned"] = True
         if draw(st.booleans()):
             spec["ttl"] = draw(st.sampled_from([5.0, 30.0, 120.0]))
+        if spec["type"] != "llm" and draw(st.integers(0, 3)) == 0:
+            spec["cpu_fallback"] = {"cmd": "serve-on-cpu --port ${PORT}"}
         specs[f"m{i}-{spec['type']}"] = spec
     return specs
 
