@@ -9,7 +9,6 @@ releases the lease; a child that dies mid-stream ends an SSE stream with an ``er
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -182,18 +181,29 @@ class Relay:
             self.observer.request_done("", scope["path"], exc.status, None)
             await send_error(send, exc)
             return
-        # From here the client may go away at any time: watch for it and cancel the work.
-        work = asyncio.create_task(self._serve(scope, send, model_id, body, stream))
+        # From here the client may go away at any time. The work runs in this task; one watcher
+        # task cancels it when the client disconnects (one extra task per request, not two).
+        handler = asyncio.current_task()
+        assert handler is not None
+        gone = False
+
+        def on_disconnect(watch: asyncio.Task[None]) -> None:
+            nonlocal gone
+            if not watch.cancelled() and watch.exception() is None:
+                gone = True
+                handler.cancel()
+
         watch = asyncio.create_task(_wait_disconnect(receive))
+        watch.add_done_callback(on_disconnect)
         try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            await self._serve(scope, send, model_id, body, stream)
+        except asyncio.CancelledError:
+            if not gone:
+                raise  # server shutdown: not ours to swallow
+            handler.uncancel()
         finally:
-            # Client gone, or this handler cancelled (server shutdown): stop the work too.
-            for task in (watch, work):
-                task.cancel()
-            for task in (watch, work):
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            watch.remove_done_callback(on_disconnect)
+            watch.cancel()
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         length = _header(scope, b"content-length")
