@@ -52,14 +52,18 @@ class Server:
     admin_key: str | None = None
     config_path: Path | None = None
     _http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=60))
+    _clients: list[OpenAI] = field(default_factory=list)
 
     def client(self, key: str | None = None, **kw: Any) -> OpenAI:
-        return OpenAI(
+        """An openai SDK client for this server (closed when the server stops)."""
+        client = OpenAI(
             base_url=self.url + "/v1",
             api_key=key or self.api_key or "none",
             max_retries=0,
             **kw,
         )
+        self._clients.append(client)
+        return client
 
     def headers(self, key: str | None = None) -> dict[str, str]:
         key = key or self.admin_key or self.api_key
@@ -115,6 +119,9 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self._http.close()
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
         return self.proc.returncode
 
 

@@ -127,6 +127,8 @@ class Observer:
         self._subscriber_buffer = subscriber_buffer
         self._load_started: dict[str, float] = {}
         self._snapshot: Any = None
+        self._request_children: dict[tuple[str, str, int], Any] = {}
+        self._queue_children: dict[str, Any] = {}
 
     def bind(self, snapshot: Any) -> None:
         """``snapshot()`` -> (budget_gb, reserved_gb, [ModelGauge]) for the scrape-time gauges."""
@@ -161,9 +163,16 @@ class Observer:
                 queue.put_nowait(None)
 
     def request_done(self, model: str, endpoint: str, code: int, queued_s: float | None) -> None:
-        self.requests.labels(model, endpoint, str(code)).inc()
+        key = (model, endpoint, code)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests.labels(model, endpoint, str(code))
+        counter.inc()
         if queued_s is not None:
-            self.queue_seconds.labels(model).observe(queued_s)
+            hist = self._queue_children.get(model)
+            if hist is None:
+                hist = self._queue_children[model] = self.queue_seconds.labels(model)
+            hist.observe(queued_s)
 
     def subscribe(self) -> asyncio.Queue[SchedulerEvent | None]:
         queue: asyncio.Queue[SchedulerEvent | None] = asyncio.Queue(self._subscriber_buffer)
