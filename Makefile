@@ -18,8 +18,8 @@ serve: install-engines
 	llmux serve
 
 lint: install-dev
-	ruff check src tests
-	ruff format --check src tests
+	ruff check src tests bench
+	ruff format --check src tests bench
 	mypy
 
 test: lint
