@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import struct
 import subprocess
 import sys
 from typing import Any
@@ -21,11 +20,11 @@ import pytest
 import yaml
 
 from llmux.engines import EngineError, resolve_model
+from tests.audio import SENTENCE, normalise, wav_params
 from tests.conftest import Server, StartServer
 
 pytestmark = [pytest.mark.engines, pytest.mark.slow]
 
-SENTENCE = "Please turn on the kitchen lights and set a timer for ten minutes."
 PARIS: list[Any] = [
     {"role": "user", "content": "What is the capital of France? Answer in one word."}
 ]
@@ -50,32 +49,12 @@ def _engines_installed() -> None:
             pytest.skip(str(e))
 
 
-_NUMBERS = {"10": "ten"}
-
-
-def normalise(text: str) -> list[str]:
-    """Lowercase words without punctuation; "10" reads as "ten"."""
-    words = re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split()
-    return [_NUMBERS.get(w, w) for w in words]
-
-
 def speak(server: Server, text: str = SENTENCE, model: str = "joe") -> bytes:
     """``text`` spoken by the default voice through llmux, as a WAV file."""
     with server.client(timeout=120) as client:
         return client.audio.speech.create(
             model=model, voice="alloy", input=text, response_format="wav"
         ).content
-
-
-def _wav_params(data: bytes) -> tuple[int, int, int]:
-    """(channels, sample rate, bits per sample) from a canonical 44-byte PCM WAV header."""
-    assert data[:4] == b"RIFF"
-    assert data[8:12] == b"WAVE"
-    assert data[12:16] == b"fmt "
-    fmt_tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", data[20:36])
-    assert fmt_tag == 1
-    assert data[36:40] == b"data"
-    return channels, rate, bits
 
 
 def _envelope(response: httpx.Response) -> dict[str, Any]:
@@ -90,7 +69,7 @@ def _envelope(response: httpx.Response) -> dict[str, Any]:
 def test_voice_round_trip(start_server: StartServer) -> None:
     server = start_server(None)
     spoken = speak(server, model="tts-1")  # the alias of joe in the default config
-    assert _wav_params(spoken) == (1, 22050, 16)
+    assert wav_params(spoken) == (1, 22050, 16)
     with server.client(timeout=120) as client:
         result = client.audio.transcriptions.create(
             model="whisper", file=("speech.wav", spoken, "audio/wav"), language="en"
@@ -161,7 +140,7 @@ def test_transcription_formats(start_server: StartServer) -> None:
 def test_speech_wav_and_pcm(start_server: StartServer) -> None:
     server = start_server(None)
     wav = speak(server)
-    assert _wav_params(wav) == (1, 22050, 16)
+    assert wav_params(wav) == (1, 22050, 16)
     assert 2.0 < (len(wav) - 44) / (22050 * 2) < 10.0
 
     with (

@@ -35,10 +35,10 @@ from llmux.engines import (
     engine_health_path,
     resolve_model,
 )
+from tests.audio import SENTENCE, normalise, wav_params
 
 pytestmark = pytest.mark.engines
 
-SENTENCE = "Please turn on the kitchen lights and set a timer for ten minutes."
 READY_TIMEOUT = 120.0
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -145,25 +145,6 @@ def spoken(piper: Server) -> bytes:
         return client.audio.speech.create(
             model="tts", voice="alloy", input=SENTENCE, response_format="wav"
         ).content
-
-
-_NUMBERS = {"10": "ten"}
-
-
-def normalise(text: str) -> list[str]:
-    words = re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split()
-    return [_NUMBERS.get(w, w) for w in words]
-
-
-def _wav_params(data: bytes) -> tuple[int, int, int]:
-    """(channels, sample rate, bits per sample) from a canonical 44-byte WAV header."""
-    assert data[:4] == b"RIFF"
-    assert data[8:12] == b"WAVE"
-    assert data[12:16] == b"fmt "
-    fmt_tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", data[20:36])
-    assert fmt_tag == 1
-    assert data[36:40] == b"data"
-    return channels, rate, bits
 
 
 # --- the voice round trip ---------------------------------------------------------------
@@ -302,7 +283,7 @@ def test_transcription_errors(whisper: Server) -> None:
 
 
 def test_speech_wav(spoken: bytes) -> None:
-    assert _wav_params(spoken) == (1, 22050, 16)
+    assert wav_params(spoken) == (1, 22050, 16)
     assert struct.unpack("<I", spoken[40:44])[0] == 0xFFFFFFFF  # streamed: size unknown
     seconds = (len(spoken) - 44) / (22050 * 2)
     assert 2.0 < seconds < 10.0
