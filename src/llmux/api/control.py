@@ -34,10 +34,10 @@ def _error_response(error: LlmuxError) -> JSONResponse:
 def build_control(scheduler: Scheduler, auth: Authenticator, observer: Observer) -> FastAPI:
     app = FastAPI(title="llmux", docs_url=None, redoc_url=None, openapi_url=None)
 
-    def reader(authorization: Annotated[str | None, Header()] = None) -> None:
+    async def reader(authorization: Annotated[str | None, Header()] = None) -> None:
         auth.check(Access.READ, authorization)
 
-    def admin(authorization: Annotated[str | None, Header()] = None) -> None:
+    async def admin(authorization: Annotated[str | None, Header()] = None) -> None:
         auth.check(Access.ADMIN, authorization)
 
     @app.exception_handler(LlmuxError)
