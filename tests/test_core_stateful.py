@@ -1095,3 +1095,16 @@ CoreMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestCoreMachine = CoreMachine.TestCase
+
+
+def test_ttl_timer_that_fires_early_is_set_again() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 4, "ttl": "60s"}})
+    r.send(Release(r.ready("a")))
+    due, timer = next((w, e) for w, e in r.rec.timers() if isinstance(e, TtlExpired))
+    r.clock.now = due - 0.0005  # an event-loop timer a little early
+    r.send(timer)
+    assert r.rec.stops() == []
+    assert r.rec.timers()[-1] == (due, timer)  # armed again for the same moment
+    r.clock.now = due
+    r.send(timer)
+    assert r.rec.stops() == [("a", 1, StopReason.TTL)]

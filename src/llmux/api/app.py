@@ -1,4 +1,4 @@
-"""The ASGI application: the raw hot path for OpenAI routes, FastAPI for the rest."""
+"""The ASGI application: the raw hot path for OpenAI routes, Starlette for the rest."""
 
 from __future__ import annotations
 

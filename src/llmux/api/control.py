@@ -1,17 +1,19 @@
-"""The control plane (FastAPI): health, status, models, admin load/unload. Thin routes."""
+"""The control plane (Starlette): health, status, models, admin load/unload, logs, events,
+metrics and the status page. Thin routes: check the key, call one thing, answer."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
-from fastapi import Depends, FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from llmux.api.auth import Access, Authenticator
 from llmux.errors import InvalidRequest, LlmuxError, MethodNotAllowed, NotFound
@@ -22,6 +24,8 @@ from llmux.static import status_page
 LOG_FOLLOW_POLL_S = 0.25
 _NO_CACHE = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
+Handler = Callable[[Request], Awaitable[Response]]
+
 
 def _sse(event: SchedulerEvent) -> bytes:
     return b"event: " + event.event.encode() + b"\ndata: " + orjson.dumps(event.as_dict()) + b"\n\n"
@@ -31,40 +35,34 @@ def _error_response(error: LlmuxError) -> JSONResponse:
     return JSONResponse(error.envelope(), status_code=error.status)
 
 
-def build_control(scheduler: Scheduler, auth: Authenticator, observer: Observer) -> FastAPI:
-    app = FastAPI(title="llmux", docs_url=None, redoc_url=None, openapi_url=None)
+def _flag(request: Request, name: str) -> bool:
+    """A boolean query parameter (true/false, 1/0, yes/no, on/off); absent = False."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return False
+    value = raw.lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise InvalidRequest(f"query parameter '{name}' must be true or false", param=name)
 
-    async def reader(authorization: Annotated[str | None, Header()] = None) -> None:
-        auth.check(Access.READ, authorization)
 
-    async def admin(authorization: Annotated[str | None, Header()] = None) -> None:
-        auth.check(Access.ADMIN, authorization)
+def build_control(scheduler: Scheduler, auth: Authenticator, observer: Observer) -> Starlette:
+    def keyed(access: Access, handler: Handler) -> Handler:
+        async def checked(request: Request) -> Response:
+            auth.check(access, request.headers.get("authorization"))
+            return await handler(request)
 
-    @app.exception_handler(LlmuxError)
-    async def _llmux_error(_: Request, exc: LlmuxError) -> JSONResponse:
-        return _error_response(exc)
+        return checked
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request"}
-        return _error_response(InvalidRequest(str(first.get("msg"))))
+    async def health(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 405:
-            return _error_response(MethodNotAllowed("method not allowed on this path"))
-        return _error_response(NotFound("no such route"))
+    async def status(_: Request) -> Response:
+        return JSONResponse(scheduler.status())
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/status", dependencies=[Depends(reader)])
-    async def status() -> dict[str, Any]:
-        return scheduler.status()
-
-    @app.get("/v1/models", dependencies=[Depends(reader)])
-    async def models() -> dict[str, Any]:
+    async def models(_: Request) -> Response:
         by_id = {m["id"]: m for m in scheduler.status()["models"]}
         data = []
         for model_id, m in scheduler.config.models.items():
@@ -86,26 +84,23 @@ def build_control(scheduler: Scheduler, auth: Authenticator, observer: Observer)
                         "llmux": {**extra, "alias_of": None if name == model_id else model_id},
                     }
                 )
-        return {"object": "list", "data": data}
+        return JSONResponse({"object": "list", "data": data})
 
-    @app.post("/models/{name}/load", dependencies=[Depends(admin)])
-    async def load(name: str) -> dict[str, Any]:
-        model_id = scheduler.resolve(name)
+    async def load(request: Request) -> Response:
+        model_id = scheduler.resolve(request.path_params["name"])
         await scheduler.load(model_id)
-        return {"id": model_id, "state": scheduler.core.models[model_id].state.value}
+        return JSONResponse({"id": model_id, "state": scheduler.core.models[model_id].state.value})
 
-    @app.post("/models/{name}/unload", dependencies=[Depends(admin)])
-    async def unload(name: str) -> dict[str, Any]:
-        model_id = scheduler.resolve(name)
+    async def unload(request: Request) -> Response:
+        model_id = scheduler.resolve(request.path_params["name"])
         await scheduler.unload(model_id)
-        return {"id": model_id, "state": scheduler.core.models[model_id].state.value}
+        return JSONResponse({"id": model_id, "state": scheduler.core.models[model_id].state.value})
 
-    @app.get("/metrics", dependencies=[Depends(reader)])
-    async def metrics() -> Response:
+    async def metrics(_: Request) -> Response:
         return Response(generate_latest(observer.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/events", dependencies=[Depends(reader)])
-    async def events(replay: bool = False) -> StreamingResponse:
+    async def events(request: Request) -> Response:
+        replay = _flag(request, "replay")
         queue = observer.subscribe()
         backlog = list(observer.recent) if replay else []
 
@@ -121,11 +116,10 @@ def build_control(scheduler: Scheduler, auth: Authenticator, observer: Observer)
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers=_NO_CACHE)
 
-    @app.get("/models/{name}/logs", dependencies=[Depends(admin)])
-    async def logs(name: str, follow: bool = False) -> Response:
-        model_id = scheduler.resolve(name)
+    async def logs(request: Request) -> Response:
+        model_id = scheduler.resolve(request.path_params["name"])
         child = scheduler.child(model_id)
-        if not follow:
+        if not _flag(request, "follow"):
             return JSONResponse({"id": model_id, "lines": child.log_tail() if child else []})
 
         async def tail() -> AsyncIterator[bytes]:
@@ -147,8 +141,33 @@ def build_control(scheduler: Scheduler, auth: Authenticator, observer: Observer)
 
     # A static shell with no data in it: open, so that a browser can load it and then ask for
     # the key that /status and /events need (docs/status-page.md).
-    @app.get("/", response_class=HTMLResponse)
-    async def page() -> HTMLResponse:
+    async def page(_: Request) -> Response:
         return HTMLResponse(page_body, headers=page_headers)
 
-    return app
+    async def on_llmux_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, LlmuxError)
+        return _error_response(exc)
+
+    async def on_http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 405:
+            return _error_response(MethodNotAllowed("method not allowed on this path"))
+        return _error_response(NotFound("no such route"))
+
+    read, adm = Access.READ, Access.ADMIN
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/status", keyed(read, status), methods=["GET"]),
+        Route("/v1/models", keyed(read, models), methods=["GET"]),
+        Route("/models/{name}/load", keyed(adm, load), methods=["POST"]),
+        Route("/models/{name}/unload", keyed(adm, unload), methods=["POST"]),
+        Route("/models/{name}/logs", keyed(adm, logs), methods=["GET"]),
+        Route("/metrics", keyed(read, metrics), methods=["GET"]),
+        Route("/events", keyed(read, events), methods=["GET"]),
+        Route("/", page, methods=["GET"]),
+    ]
+    handlers: dict[Any, Any] = {
+        LlmuxError: on_llmux_error,
+        StarletteHTTPException: on_http_error,
+    }
+    return Starlette(routes=routes, exception_handlers=handlers)

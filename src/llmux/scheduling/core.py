@@ -223,7 +223,8 @@ class SchedulerCore:
     def _became_idle(self, m: ModelRecord) -> None:
         m.idle_since = self.clock()
         if m.ttl is not None and not m.pinned:
-            self.effects.call_at(m.idle_since + m.ttl, TtlExpired(m.model_id, m.generation))
+            due = m.idle_since + m.ttl
+            self.effects.call_at(due, TtlExpired(m.model_id, m.generation, due))
 
     def _cancel(self, rid: int) -> None:
         if rid in self.leases:
@@ -345,6 +346,10 @@ class SchedulerCore:
             return
         if self.clock() - m.idle_since + 1e-6 >= m.ttl:
             self._doom(m, StopReason.TTL)
+        elif abs(ev.due - (m.idle_since + m.ttl)) < 1e-9:
+            # This idle spell's own timer fired early (event-loop timers have ~1 ms
+            # granularity): set it again rather than lose it.
+            self.effects.call_at(ev.due, ev)
 
     def _reconfigure(self, ev: Reconfigure) -> None:
         new = ev.config

@@ -73,6 +73,8 @@ class Unload:
 class TtlExpired:
     model_id: str
     generation: int
+    due: float = 0.0
+    """Monotonic time it was set for (idle_since + ttl of the idle spell that set it)."""
 
 
 @dataclass(frozen=True)
