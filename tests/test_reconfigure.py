@@ -1,0 +1,51 @@
+"""Reconfigure (config reload) at the core: removed models drain and go, changed ones restart."""
+
+from __future__ import annotations
+
+from llmux.errors import ModelNotFound
+from llmux.scheduling.events import ProcessExited, Reconfigure, Release, StopReason
+from llmux.scheduling.state import ModelState
+from tests.test_core_stateful import make_config, rig
+
+A = {"type": "llm", "vram_gb": 4}
+B = {"type": "llm", "vram_gb": 4}
+
+
+def test_removed_busy_model_drains_then_is_forgotten() -> None:
+    r = rig({"a": A, "b": B})
+    held = r.ready("a")
+    r.send(Reconfigure(make_config({"b": B}), 10.0))
+    assert r.state("a") is ModelState.DRAINING
+    assert r.rec.stops() == []  # in flight is sacred
+    late = r.acquire("a")  # a request that raced the reload
+    assert isinstance(r.rec.rejected()[late], ModelNotFound)
+    r.send(Release(held))
+    assert r.rec.stops() == [("a", 1, StopReason.RELOAD)]
+    r.stopped("a")
+    assert "a" not in r.core.models
+    r.send(ProcessExited("a", 1, 0))  # a late event about it is ignored
+    assert set(r.core.models) == {"b"}
+
+
+def test_changed_model_restarts_and_its_waiters_get_the_new_process() -> None:
+    r = rig({"a": A})
+    r.send(Release(r.ready("a")))
+    changed = {**A, "cmd": "serve a --new-flag --port ${PORT}"}
+    r.send(Reconfigure(make_config({"a": changed}), 10.0))
+    assert r.rec.stops() == [("a", 1, StopReason.RELOAD)]
+    rid = r.acquire("a")  # waits for the old process to go
+    r.stopped("a")
+    assert r.rec.loads()[-1] == ("a", 2)
+    r.loaded("a")
+    assert rid in r.rec.granted()
+    assert r.core.models["a"].spec is not None
+    assert r.core.models["a"].spec.cmd == changed["cmd"]
+
+
+def test_live_settings_and_budget_apply_without_a_restart() -> None:
+    r = rig({"a": A})
+    r.send(Release(r.ready("a")))
+    r.send(Reconfigure(make_config({"a": {**A, "vram_gb": 5, "ttl": 30}}), 6.0))
+    assert r.rec.stops() == []
+    assert r.core.models["a"].reservation_gb == 5
+    assert r.core.budget_gb == 6.0
