@@ -11,7 +11,6 @@ import importlib.util
 import io
 import os
 import re
-import socket
 import struct
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from llmux.engines import (
     resolve_model,
 )
 from tests.audio import SENTENCE, normalise, wav_params
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.engines
 
@@ -62,13 +62,6 @@ class Server:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _require(engine: str, model: str, modules: list[str]) -> None:
     for module in modules:
         if importlib.util.find_spec(module) is None:
@@ -80,7 +73,7 @@ def _require(engine: str, model: str, modules: list[str]) -> None:
 
 
 def _start(engine: str, model: str, args: dict[str, Any], log_dir: Path) -> Iterator[Server]:
-    port = _free_port()
+    port = free_port()
     argv = [a.replace(PORT_PLACEHOLDER, str(port)) for a in engine_argv(engine, model, args)]
     env = engine_env(engine, os.environ)
     env["HF_HUB_OFFLINE"] = "1"

@@ -56,7 +56,9 @@ tier: the bound on how long a lower tier can be passed over. See docs/scheduling
 
 
 @dataclass(frozen=True)
-class Lease:
+class Held:
+    """The core's record of a granted lease (the runtime's ``Lease`` adds the child's URL)."""
+
     rid: int
     model_id: str
     generation: int
@@ -82,7 +84,7 @@ class SchedulerCore:
             mid: ModelRecord.from_config(mid, config) for mid in config.models
         }
         self.waiters: dict[int, Waiter] = {}
-        self.leases: dict[int, Lease] = {}
+        self.leases: dict[int, Held] = {}
         self.pending: dict[str, float] = {}
         """Loads promised the memory their victims free, in promise order."""
         self.drain_reasons: dict[str, StopReason] = {}
@@ -197,7 +199,7 @@ class SchedulerCore:
         if kind is WaiterKind.REQUEST:
             m.in_flight += 1
             m.last_used = self.wall()
-            self.leases[rid] = Lease(rid, m.model_id, m.generation)
+            self.leases[rid] = Held(rid, m.model_id, m.generation)
             self.effects.grant(rid, m.model_id, m.generation)
         elif kind is WaiterKind.ADMIN_LOAD:
             self.effects.answer(rid)

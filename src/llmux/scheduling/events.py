@@ -134,7 +134,6 @@ class Notice(enum.Enum):
     UNLOADED = "unloaded"
     LOAD_FAILED = "load_failed"
     CRASHED = "crashed"
-    REJECTED = "rejected"
 
 
 class StopReason(enum.Enum):
