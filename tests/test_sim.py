@@ -20,7 +20,18 @@ from llmux.sim.scenario import Scenario, build_scenario, load_scenario, parse_ov
 from llmux.sim.workload import SimRequest, TraceRow, Workload, build_workload
 
 ROOT = Path(__file__).resolve().parent.parent
-ALL = ["llmux", "strict", "seed", "llama-swap", "ollama", "lru", "oracle", "oracle-tiered", "floor"]
+ALL = [
+    "llmux",
+    "llmux-gpu-only",
+    "strict",
+    "seed",
+    "llama-swap",
+    "ollama",
+    "lru",
+    "oracle",
+    "oracle-tiered",
+    "floor",
+]
 
 
 def scenario(models: dict[str, dict[str, Any]], **extra: Any) -> Scenario:
@@ -97,6 +108,22 @@ def test_asr_is_never_evicted_by_an_llm_request_under_llmux() -> None:
     # The tier-blind oracle does evict it (its next use is never).
     sim = run(sc, reqs, "oracle")
     assert any(ld.model_id == "s" and ld.stopped_at is not None for ld in sim.rec.loads)
+
+
+def test_cpu_fallback_runs_on_the_cpu_instead_of_evicting_and_gpu_only_evicts() -> None:
+    tts = {**fixed("tts", 2, fb=0.2, svc=0.5), "cpu_fallback": True}
+    sc = scenario({"a": llm(8), "b": llm(6), "t": tts}, cpu={"slowdown": 3.0})
+    # a and b fill the 15.5 GB budget with 1.5 GB to spare; the 2 GB TTS model would have to
+    # evict one of them.
+    reqs = [req("a", 0.0, svc=100.0), req("b", 0.0, svc=100.0), req("t", 20.0, 0.5, 0.2)]
+    sim = run(sc, reqs, "llmux")
+    r = summarize(sc, sim.rec)
+    assert r["loads_by_model"] == {"a": 1, "b": 1, "t": 1}
+    assert all(ld.stopped_at is None for ld in sim.rec.loads)  # nothing was evicted
+    # On the CPU: load (2 GB at 1 GB/s), then the first byte 3x slower.
+    assert r["tiers"]["tts"]["p50_s"] == pytest.approx(2.0 + 0.6)
+    sim = run(sc, reqs, "llmux-gpu-only")
+    assert any(ld.model_id in ("a", "b") and ld.stopped_at is not None for ld in sim.rec.loads)
 
 
 def test_cold_request_ttfb_is_load_plus_first_byte() -> None:

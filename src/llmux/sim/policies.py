@@ -55,6 +55,22 @@ def llmux_policy(ctx: SimContext, effects: SimEffects, clock: Callable[[], float
     )
 
 
+def llmux_gpu_only_policy(
+    ctx: SimContext, effects: SimEffects, clock: Callable[[], float]
+) -> Policy:
+    """The real core with every ``cpu_fallback`` left out of its config: what llmux does when
+    nothing may run on the CPU (the scenario's baselines have no such feature either)."""
+    sc = ctx.scenario
+    return SchedulerCore(
+        sc.llmux_config(fallback=False),
+        sc.budget_gb,
+        effects,
+        clock,
+        clock,
+        passover_bound=sc.llmux.passover_bound_s,
+    )
+
+
 # ---------------------------------------------------------------------- baseline machinery
 
 
@@ -697,6 +713,7 @@ class Ollama(Baseline):
 
 POLICIES: dict[str, PolicyFactory] = {
     "llmux": llmux_policy,
+    "llmux-gpu-only": llmux_gpu_only_policy,
     "seed": Seed,
     "strict": Strict,
     "llama-swap": LlamaSwap,

@@ -154,6 +154,7 @@ class Scenario(_Strict):
     lru: LruSpec = LruSpec()
     policies: list[str] = [
         "llmux",
+        "llmux-gpu-only",
         "strict",
         "seed",
         "llama-swap",
@@ -204,8 +205,9 @@ class Scenario(_Strict):
         p = Path(self.trace.dir)
         return p if p.is_absolute() else Path(self.base_dir) / p
 
-    def llmux_config(self) -> Config:
-        """The llmux config the real core runs with: same tiers, models and reservations."""
+    def llmux_config(self, fallback: bool = True) -> Config:
+        """The llmux config the real core runs with: same tiers, models and reservations.
+        ``fallback=False`` leaves out every model's ``cpu_fallback`` (GPU-only llmux)."""
         data: dict[str, Any] = {
             "server": {
                 "max_queue": self.llmux.max_queue,
@@ -222,7 +224,7 @@ class Scenario(_Strict):
                     "pinned": m.pinned,
                     **(
                         {"cpu_fallback": {"cmd": f"simulated {mid} on cpu"}}
-                        if m.cpu_fallback
+                        if m.cpu_fallback and fallback
                         else {}
                     ),
                 }
