@@ -80,13 +80,6 @@ def sse_error(error: LlmuxError) -> bytes:
     return b"event: error\ndata: " + orjson.dumps(error.envelope()) + b"\n\n"
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for k, v in scope["headers"]:
-        if k == name:
-            return bytes(v).decode("latin-1")
-    return None
-
-
 def _multipart_model(body: bytes, content_type: str) -> str | None:
     """The ``model`` form field of a multipart body, without touching the file parts' bytes."""
     _, params = parse_options_header(content_type)
@@ -142,6 +135,9 @@ def _multipart_model(body: bytes, content_type: str) -> str | None:
     return found
 
 
+WATCH_AFTER_S = 0.05
+"""A request still running this long starts watching for its client's disconnect."""
+
 LOADING_COMMENT_EVERY_S = 2.0
 """A streaming request that waits for a load gets ``: llmux loading <model>`` this often."""
 
@@ -170,43 +166,62 @@ class Relay:
         self._session = session
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # One pass over the request headers: what llmux reads, and what goes on to the child.
+        authorization = length = content_type = None
+        forward: list[tuple[str, str]] = []
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                authorization = bytes(v).decode("latin-1")
+            elif k == b"content-length":
+                length = bytes(v).decode("latin-1")
+            elif k == b"content-type":
+                content_type = bytes(v).decode("latin-1")
+            if k not in _DROP_REQUEST:
+                forward.append((k.decode("latin-1"), v.decode("latin-1")))
         try:
-            self.auth.check(Access.READ, _header(scope, b"authorization"))
-            body = await self._read_body(scope, receive)
+            self.auth.check(Access.READ, authorization)
+            body = await self._read_body(length, receive)
             if body is None:
                 return  # the client went away before sending its whole body
-            model_name, body, stream = self._model_of(scope, body)
-            model_id = self.scheduler.resolve(model_name)
+            model_id, body, stream = self._model_of(content_type or "", body)
         except LlmuxError as exc:
             self.observer.request_done("", scope["path"], exc.status, None)
             await send_error(send, exc)
             return
-        # From here the client may go away at any time. The work runs in this task; one watcher
-        # task cancels it when the client disconnects (one extra task per request, not two).
+        # From here the client may go away at any time. The work runs in this task. A request
+        # that is still running after WATCH_AFTER_S gets a watcher task that cancels it when the
+        # client disconnects; most requests to a ready model finish before that, so they never
+        # pay for a second task.
         handler = asyncio.current_task()
         assert handler is not None
         gone = False
+        watch: asyncio.Task[None] | None = None
 
-        def on_disconnect(watch: asyncio.Task[None]) -> None:
+        def on_disconnect(task: asyncio.Task[None]) -> None:
             nonlocal gone
-            if not watch.cancelled() and watch.exception() is None:
+            if not task.cancelled() and task.exception() is None:
                 gone = True
                 handler.cancel()
 
-        watch = asyncio.create_task(_wait_disconnect(receive))
-        watch.add_done_callback(on_disconnect)
+        def arm() -> None:
+            nonlocal watch
+            watch = asyncio.ensure_future(_wait_disconnect(receive))
+            watch.add_done_callback(on_disconnect)
+
+        timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, arm)
         try:
-            await self._serve(scope, send, model_id, body, stream)
+            await self._serve(scope, send, model_id, body, stream, forward)
         except asyncio.CancelledError:
             if not gone:
                 raise  # server shutdown: not ours to swallow
             handler.uncancel()
         finally:
-            watch.remove_done_callback(on_disconnect)
-            watch.cancel()
+            timer.cancel()
+            if watch is not None:
+                watch.remove_done_callback(on_disconnect)
+                watch.cancel()
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
-        length = _header(scope, b"content-length")
+    async def _read_body(self, length: str | None, receive: Receive) -> bytes | None:
         if length is not None and length.isdigit() and int(length) > self.max_body:
             raise BodyTooLarge(f"request body is {length} bytes; the limit is {self.max_body}")
         chunks = bytearray()
@@ -220,15 +235,15 @@ class Relay:
             if not message.get("more_body", False):
                 return bytes(chunks)
 
-    def _model_of(self, scope: Scope, body: bytes) -> tuple[str, bytes, bool]:
-        """The requested model name, the body to relay (model rewritten if configured), and
-        whether the client asked for an SSE stream."""
-        content_type = _header(scope, b"content-type") or ""
+    def _model_of(self, content_type: str, body: bytes) -> tuple[str, bytes, bool]:
+        """The model id asked for (ModelNotFound if none has that id or alias), the body to
+        relay (model rewritten if configured), and whether the client asked for SSE."""
+        config = self.scheduler.config
         if content_type.startswith("multipart/form-data"):
             model = _multipart_model(body, content_type)
             if not model:
                 raise InvalidRequest("the form field 'model' is required", param="model")
-            return model, body, False
+            return self.scheduler.resolve(model), body, False
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -238,40 +253,40 @@ class Relay:
         model = data.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidRequest("'model' is required and must be a string", param="model")
-        model_id = self.scheduler.config.resolve(model)
-        if model_id is not None:
-            upstream = self.scheduler.config.models[model_id].upstream_model
-            if upstream is not None and upstream != model:
-                data["model"] = upstream
-                body = orjson.dumps(data)
-        return model, body, data.get("stream") is True
+        model_id = self.scheduler.resolve(model)
+        upstream = config.models[model_id].upstream_model
+        if upstream is not None and upstream != model:
+            data["model"] = upstream
+            body = orjson.dumps(data)
+        return model_id, body, data.get("stream") is True
 
     async def _serve(
-        self, scope: Scope, send: Send, model_id: str, body: bytes, stream: bool
+        self,
+        scope: Scope,
+        send: Send,
+        model_id: str,
+        body: bytes,
+        stream: bool,
+        headers: list[tuple[str, str]],
     ) -> None:
-        status = 0
-
-        async def tracked(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        out = _Status()
         started = time.monotonic()
         queued: float | None = None
         try:
-            lease, early = await self._acquire(tracked, model_id, stream)
+            lease, early = await self._acquire(send, model_id, stream, out)
             queued = time.monotonic() - started
             try:
-                await self._forward(scope, tracked, lease, body, headers_sent=early)
+                await self._forward(scope, send, lease, body, headers, early, out)
             finally:
                 self.scheduler.release(lease)
         except _Answered:
             pass
         finally:
-            self.observer.request_done(model_id, scope["path"], status or 499, queued)
+            self.observer.request_done(model_id, scope["path"], out.status or 499, queued)
 
-    async def _acquire(self, send: Send, model_id: str, stream: bool) -> tuple[Lease, bool]:
+    async def _acquire(
+        self, send: Send, model_id: str, stream: bool, out: _Status
+    ) -> tuple[Lease, bool]:
         """The lease, and whether SSE headers already went out (loading feedback).
 
         A streaming request that waits longer than LOADING_COMMENT_EVERY_S gets its 200 and SSE
@@ -282,6 +297,7 @@ class Relay:
             try:
                 return await self.scheduler.acquire(model_id), False
             except LlmuxError as exc:
+                out.status = exc.status
                 await send_error(send, exc)
                 raise _Answered from None
         task = asyncio.ensure_future(self.scheduler.acquire(model_id))
@@ -292,6 +308,7 @@ class Relay:
                 if done:
                     return task.result(), early
                 if not early:
+                    out.status = 200
                     await send(
                         {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}
                     )
@@ -302,6 +319,7 @@ class Relay:
             if early:
                 await send({"type": "http.response.body", "body": sse_error(exc)})
             else:
+                out.status = exc.status
                 await send_error(send, exc)
             raise _Answered from None
         except BaseException:
@@ -312,16 +330,18 @@ class Relay:
             raise
 
     async def _forward(
-        self, scope: Scope, send: Send, lease: Lease, body: bytes, headers_sent: bool
+        self,
+        scope: Scope,
+        send: Send,
+        lease: Lease,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        headers_sent: bool,
+        out: _Status,
     ) -> None:
         url = lease.base_url + scope["path"]
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
-        headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in scope["headers"]
-            if k not in _DROP_REQUEST
-        ]
         started = headers_sent
         sse = headers_sent
         try:
@@ -342,6 +362,7 @@ class Relay:
                         if k.lower() not in _DROP_RESPONSE
                     ]
                     sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+                    out.status = resp.status
                     await send(
                         {
                             "type": "http.response.start",
@@ -359,12 +380,22 @@ class Relay:
             )
             log.warning("upstream error model=%s: %s", lease.model_id, exc)
             if not started:
+                out.status = error.status
                 await send_error(send, error)
             elif sse:
                 await send({"type": "http.response.body", "body": sse_error(error)})
             else:
                 # Headers are out and the body is not SSE: all we can do is cut the response.
                 raise
+
+
+class _Status:
+    """The status a request was answered with, for the request counter (0: none yet)."""
+
+    __slots__ = ("status",)
+
+    def __init__(self) -> None:
+        self.status = 0
 
 
 class _Answered(Exception):
