@@ -11,6 +11,7 @@ import pytest
 from llmux.cli import default_config_text
 from llmux.config import Config, parse_config, parse_duration
 from llmux.errors import ConfigError
+from llmux.scheduling.learned import state_dir
 
 
 @pytest.mark.parametrize(
@@ -83,6 +84,19 @@ def test_errors_name_the_key(text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(text)
     assert any(expected in p for p in info.value.problems), info.value.problems
+
+
+def test_nvml_keys_default_and_resolve() -> None:
+    cfg = parse_config("gpu: {free_wait: 500ms}\n")
+    assert cfg.gpu.free_wait == 0.5
+    assert Config().gpu.free_wait == 10.0
+    assert Config().server.state_dir is None
+    assert state_dir(None, {"XDG_STATE_HOME": "/var/state"}) == Path("/var/state/llmux")
+    assert state_dir(None, {}) == Path.home() / ".local" / "state" / "llmux"
+    assert state_dir("~/llmux-state", {}) == Path.home() / "llmux-state"
+    with pytest.raises(ConfigError) as info:
+        parse_config("gpu:\n  free_wait: later\n")
+    assert any("gpu.free_wait (line 2)" in p for p in info.value.problems)
 
 
 def test_default_config_is_valid() -> None:

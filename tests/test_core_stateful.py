@@ -39,8 +39,10 @@ from llmux.scheduling.events import (
     Deadline,
     Event,
     LoadFinished,
+    Measured,
     Notice,
     ProcessExited,
+    Reconfigure,
     Release,
     Shutdown,
     StopFinished,
@@ -203,6 +205,7 @@ def rig(
     models: Mapping[str, Mapping[str, Any]],
     budget: float = 10.0,
     passover_bound: float = PASSOVER_BOUND_S,
+    learned: Mapping[str, float] | None = None,
     **server: Any,
 ) -> Rig:
     clock = Clock()
@@ -214,6 +217,7 @@ def rig(
         clock=clock,
         wall=lambda: 1.7e9 + clock.now,
         passover_bound=passover_bound,
+        learned=learned,
     )
     return Rig(core, rec, clock)
 
@@ -648,6 +652,118 @@ def test_stale_events_of_an_older_generation_are_ignored() -> None:
     assert r.core.models["a"].last_error is None
 
 
+# ---------------------------------------------------------------------------- rule 10: measured
+
+
+def test_measured_use_raises_the_reservation_of_a_resident_model() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 4}, "b": {"type": "llm", "vram_gb": 6}})
+    held = r.ready("a")
+    r.send(Measured("a", 5.0, r.gen("a")))
+    assert r.core.models["a"].reservation_gb == 5.0
+    assert r.core.reserved_gb == 5.0
+    r.send(Measured("a", 4.5, r.gen("a")))  # a peak: a lower figure changes nothing
+    assert r.core.models["a"].learned_gb == 5.0
+    want = r.acquire("b")  # 4 + 6 would fit in 10; 5 + 6 does not
+    assert r.state("a") is ModelState.DRAINING
+    r.send(Release(held))
+    r.stopped("a")
+    r.loaded("b")
+    assert want in r.rec.granted()
+    assert r.core.models["a"].reservation_gb == 5.0  # learned stays for the next load
+
+
+def test_measurement_of_an_older_process_is_ignored() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 4}})
+    r.send(Release(r.ready("a")))
+    r.send(Measured("a", 9.0, r.gen("a") - 1))
+    assert r.core.models["a"].learned_gb == 0.0
+    r.send(Measured("a", 3.0))  # a peak known from before (no generation) counts
+    assert r.core.models["a"].learned_gb == 3.0
+    assert r.core.models["a"].reservation_gb == 4.0  # max(configured, learned)
+
+
+def test_overcommit_starts_nothing_until_the_budget_holds_again() -> None:
+    r = rig(
+        {
+            "a": {"type": "llm", "vram_gb": 4},
+            "b": {"type": "llm", "vram_gb": 4},
+            "c": {"type": "llm", "vram_gb": 1},
+        }
+    )
+    ha = r.ready("a")
+    hb = r.ready("b")
+    r.send(Measured("a", 7.0, r.gen("a")))  # reality: 11 GB in use of a 10 GB budget
+    assert r.core.reserved_gb == 11.0
+    assert r.core.overcommit_gb == 1.0
+    want = r.acquire("c")  # 1 GB: free only once something goes
+    assert ("c", 1) not in r.rec.loads()
+    assert r.state("a") is ModelState.DRAINING  # least recently used (both are busy)
+    r.send(Release(hb))
+    r.send(Release(ha))
+    r.stopped("a")
+    assert r.core.overcommit_gb == 0.0
+    assert r.rec.loads()[-1] == ("c", 1)
+    r.loaded("c")
+    assert want in r.rec.granted()
+
+
+def test_a_grown_reservation_plans_a_promised_load_again() -> None:
+    r = rig(
+        {
+            "a": {"type": "llm", "vram_gb": 5},
+            "b": {"type": "llm", "vram_gb": 3},
+            "c": {"type": "llm", "vram_gb": 5},
+        }
+    )
+    ha = r.ready("a")
+    hb = r.ready("b")
+    want = r.acquire("c")  # 2 GB free: a (least recently used) drains for it
+    assert r.core.pending == {"c": 5}
+    assert r.state("a") is ModelState.DRAINING
+    r.send(Measured("b", 6.0, r.gen("b")))  # now a's 5 GB alone no longer makes room
+    assert r.state("b") is ModelState.DRAINING  # planned again: b goes too
+    r.send(Release(ha))
+    r.stopped("a")
+    assert ("c", 1) not in r.rec.loads()
+    r.send(Release(hb))
+    r.stopped("b")
+    assert r.rec.loads()[-1] == ("c", 1)
+    r.loaded("c")
+    assert want in r.rec.granted()
+
+
+def test_a_learned_peak_over_the_budget_is_insufficient_vram() -> None:
+    r = rig({"a": {"type": "llm", "vram_gb": 4}}, learned={"a": 12.0})
+    assert r.core.models["a"].reservation_gb == 12.0
+    rid = r.acquire("a")
+    error = r.rec.rejected()[rid]
+    assert isinstance(error, InsufficientVram)
+    assert "needs 12 GB (measured; 4 GB configured)" in error.message
+    assert r.rec.loads() == []
+
+
+def test_reload_keeps_a_peak_for_the_same_launch_and_forgets_it_for_a_new_one() -> None:
+    a = {"type": "llm", "vram_gb": 4}
+    r = rig({"a": a, "b": a}, learned={"a": 6.0, "b": 6.0})
+    held = r.ready("a")
+    changed = {**a, "cmd": "serve a --bigger --port ${PORT}"}
+    r.send(
+        Reconfigure(
+            make_config({"a": changed, "b": a, "c": a}),
+            10.0,
+            learned={"a": 4.5, "c": 5.0},  # what learned.json knows of the new launches
+        )
+    )
+    # The old process of 'a' still holds what it was measured at until it is gone.
+    assert r.core.models["a"].reservation_gb == 6.0
+    assert r.core.models["b"].reservation_gb == 6.0  # same launch: kept
+    assert r.core.models["c"].reservation_gb == 5.0  # added: seeded
+    r.send(Release(held))
+    r.stopped("a")
+    assert r.core.models["a"].learned_gb == 4.5
+    assert r.core.models["a"].reservation_gb == 4.5
+
+
 # ---------------------------------------------------------------------------- state machine
 
 TYPES = ("llm", "llm", "llm", "tts", "tts", "asr")
@@ -892,12 +1008,40 @@ class CoreMachine(RuleBasedStateMachine):
             self._acquire(mid, WaiterKind.REQUEST)
         assert len([m for m, _ in self.rec.loads() if m == mid]) - loads <= 1
 
+    @rule(i=st.integers(0, 4))
+    def acquire_fast(self, i: int) -> None:
+        """The runtime's hot path: ``admit_ready`` grants at once when the model is simply
+        ready, else changes nothing and the request goes the event way."""
+        mid = self.ids[i % len(self.ids)]
+        m = self.core.models[mid]
+        simply_ready = m.state is ModelState.READY and m.stop_when_ready is None
+        rid = next(self.rids)
+        gen = self.core.admit_ready(rid, mid)
+        if gen is None:
+            assert not simply_ready, f"{mid} is ready but the fast path refused"
+            self.asked[rid] = Asked(rid, mid, WaiterKind.REQUEST, self.clock.now)
+            self.send(Acquire(rid, mid))
+            return
+        assert simply_ready, f"fast grant on {mid} in {m.state}"
+        assert gen == m.generation
+        self.asked[rid] = Asked(rid, mid, WaiterKind.REQUEST, self.clock.now, outcome="granted")
+        self.leases[rid] = (mid, gen)
+
     @precondition(lambda self: bool(self.leases))
-    @rule(data=st.data(), cancel=st.booleans())
-    def release(self, data: st.DataObject, cancel: bool) -> None:
+    @rule(data=st.data(), how=st.sampled_from(["release", "cancel", "fast"]))
+    def release(self, data: st.DataObject, how: str) -> None:
         rid = data.draw(st.sampled_from(sorted(self.leases)))
-        del self.leases[rid]
-        self.send(Cancel(rid) if cancel else Release(rid))
+        mid, _ = self.leases.pop(rid)
+        if how == "fast":
+            busy_after = self.held(mid) > 0
+            m = self.core.models[mid]
+            if self.core.release_busy(rid):
+                assert busy_after
+                assert m.state is ModelState.READY
+                assert m.in_flight > 0
+                return
+            how = "release"
+        self.send(Cancel(rid) if how == "cancel" else Release(rid))
 
     @precondition(lambda self: any(a.kind is not WaiterKind.PRELOAD for a in self.waiting()))
     @rule(data=st.data())
@@ -1007,6 +1151,25 @@ class CoreMachine(RuleBasedStateMachine):
         self.unloads[rid] = mid
         self.send(Unload(rid, mid))
 
+    @precondition(
+        lambda self: any(
+            m.state in (ModelState.READY, ModelState.DRAINING) for m in self.core.models.values()
+        )
+    )
+    @rule(data=st.data(), extra=st.sampled_from([0.5, 2.0, 6.0]))
+    def measure(self, data: st.DataObject, extra: float) -> None:
+        """Rule 10: a serving process turns out to use more than its reservation."""
+        serving = sorted(
+            mid
+            for mid, m in self.core.models.items()
+            if m.state in (ModelState.READY, ModelState.DRAINING)
+        )
+        m = self.core.models[data.draw(st.sampled_from(serving))]
+        before = len(self.rec.loads())
+        self.send(Measured(m.model_id, m.gpu_gb + extra, m.generation))
+        if self.core.overcommit_gb > 0:
+            assert len(self.rec.loads()) == before, "a load started over the budget"
+
     @rule(i=st.integers(0, 4), go=RARELY)
     def stale_event(self, i: int, go: int) -> None:
         """Events of an older generation change nothing and cause nothing."""
@@ -1036,7 +1199,7 @@ class CoreMachine(RuleBasedStateMachine):
         if not hasattr(self, "core"):
             return
         self.core.check_invariants()
-        assert self.core.reserved_gb <= BUDGET + 1e-9
+        assert self.core.reserved_gb <= BUDGET + self.core.overcommit_gb + 1e-9
         assert self.core.queued_requests <= self.max_queue
 
     @invariant()

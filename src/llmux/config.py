@@ -62,6 +62,9 @@ class ServerConfig(_Strict):
     """On SIGTERM, seconds to let in-flight requests finish before children are stopped."""
     max_upload_mb: float = Field(25.0, gt=0)
     """Largest request body, MB (10^6 bytes); past it 413."""
+    state_dir: str | None = None
+    """Directory for what llmux learns (``learned.json``: measured peaks, with NVML).
+    None = ``$XDG_STATE_HOME/llmux``, or ``~/.local/state/llmux``. Read at start."""
 
 
 class GpuConfig(_Strict):
@@ -69,6 +72,10 @@ class GpuConfig(_Strict):
     """The budget in GB; auto = NVML total of the device, 16 without NVML."""
     reserve_gb: float = Field(0.5, ge=0)
     """Never handed out (CUDA context slack, other processes)."""
+    free_wait: Seconds = 10.0
+    """With NVML: longest wait, seconds, for the device to really show a load's reservation as
+    free before its process starts (memory freed by an exited process appears late); past it
+    the load fails (503 model_load_failed). Without NVML it does not apply."""
 
 
 class TierConfig(_Strict):
@@ -92,7 +99,8 @@ class CpuFallback(_Strict):
 class ModelConfig(_Strict):
     type: ModelType
     vram_gb: float = Field(ge=0)
-    """Reservation in GB (learned upward from measurement when NVML is present)."""
+    """Reservation in GB. With NVML it is learned upward: the peak measured use of the model's
+    process (persisted in ``server.state_dir``) replaces it when higher."""
     cmd: str | None = None
     """Command line of an external OpenAI-style server; ``${PORT}`` is filled with a free port."""
     engine: Literal["llama-cpp", "faster-whisper", "piper"] | None = None

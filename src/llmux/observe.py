@@ -47,6 +47,8 @@ class ModelGauge:
     state: ModelState
     in_flight: int
     queued: int
+    measured_gb: float | None = None
+    """Last NVML measurement of its current process (None without NVML or before one)."""
 
 
 class _StateCollector(Collector):
@@ -72,14 +74,22 @@ class _StateCollector(Collector):
         )
         in_flight = GaugeMetricFamily("llmux_in_flight", "Requests in flight", labels=["model"])
         depth = GaugeMetricFamily("llmux_queue_depth", "Requests waiting", labels=["model"])
+        measured = GaugeMetricFamily(
+            "llmux_model_vram_measured_bytes",
+            "GPU memory its current process uses, last NVML measurement (only with NVML)",
+            labels=["model"],
+        )
         for m in models:
             for s in ModelState:
                 state.add_metric([m.model, m.tier, s.value], 1.0 if s is m.state else 0.0)
             in_flight.add_metric([m.model], m.in_flight)
             depth.add_metric([m.model], m.queued)
+            if m.measured_gb is not None:
+                measured.add_metric([m.model], m.measured_gb * 1e9)
         yield state
         yield in_flight
         yield depth
+        yield measured
 
     def describe(self) -> Iterable[Any]:
         return []

@@ -40,12 +40,13 @@ def serve(options: ServeOptions) -> int:
 
     from llmux.api.app import LlmuxApp
     from llmux.backends.process import ProcessLauncher
-    from llmux.gpu import nvml_total_gb
+    from llmux.gpu import open_probe
 
     setup_logging(options.log_level, options.log_format)
     host = options.host or config.server.host
     port = options.port if options.port is not None else config.server.port
-    total = nvml_total_gb()
+    gpu = open_probe()  # None without NVML: nothing is measured (DESIGN rule 10)
+    total = gpu.total_gb() if gpu is not None else None
     path = options.config_path
     app = LlmuxApp(
         config,
@@ -54,6 +55,7 @@ def serve(options: ServeOptions) -> int:
         nvml_total_gb=total,
         config_source=lambda: read_config(path),
         watch_path=path if options.watch else None,
+        gpu=gpu,
     )
     uvicorn.run(
         app,
@@ -63,9 +65,13 @@ def serve(options: ServeOptions) -> int:
         http="httptools",
         lifespan="on",
         access_log=False,
+        proxy_headers=False,  # llmux reads no client address; skip uvicorn's per-request wrapper
+        server_header=False,
         log_level=options.log_level,
         log_config=None,
         timeout_graceful_shutdown=int(config.server.shutdown_grace) or None,
     )
+    if gpu is not None:
+        gpu.close()
     logging.getLogger("llmux").info("llmux stopped")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Callable, Coroutine
@@ -17,6 +18,7 @@ from llmux.api.relay import RELAY_PATHS, Receive, Relay, Scope, Send, send_error
 from llmux.backends.base import Launcher
 from llmux.config import Config
 from llmux.errors import ConfigError, MethodNotAllowed
+from llmux.gpu import GpuProbe
 from llmux.observe import Observer
 from llmux.scheduling.runtime import Scheduler
 
@@ -35,14 +37,19 @@ class LlmuxApp:
         nvml_total_gb: float | None = None,
         config_source: Callable[[], Config] | None = None,
         watch_path: str | None = None,
+        gpu: GpuProbe | None = None,
     ) -> None:
-        """``config_source`` re-reads the config for SIGHUP (and ``watch_path`` changes)."""
+        """``config_source`` re-reads the config for SIGHUP (and ``watch_path`` changes).
+        ``gpu``: the NVML probe (rule 10: wait for free memory, measure, learn); its total is
+        ``nvml_total_gb`` when that is not given. The caller opened it and closes it."""
         self.config = config
+        if nvml_total_gb is None and gpu is not None:
+            nvml_total_gb = gpu.total_gb()
         self.nvml_total_gb = nvml_total_gb
         self.config_source = config_source
         self.watch_path = watch_path
         self._background: set[asyncio.Task[None]] = set()
-        self.scheduler = Scheduler(config, launcher, budget_gb=budget_gb)
+        self.scheduler = Scheduler(config, launcher, budget_gb=budget_gb, gpu=gpu)
         self.observer = Observer()
         self.observer.bind(self.scheduler.gauges)
         self.scheduler.listeners.append(self.observer.record)
@@ -67,6 +74,9 @@ class LlmuxApp:
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            # Children's cookies are not kept: one client's Set-Cookie must never ride along
+            # with another client's request (and an empty jar is cheaper per request).
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         await self.scheduler.start()
         if self.config_source is not None:
@@ -75,10 +85,18 @@ class LlmuxApp:
                 loop.add_signal_handler(signal.SIGHUP, self._spawn_reload)
             if self.watch_path is not None:
                 self._spawn(self._watch(self.watch_path))
+        # Move everything alive after start-up (imports, config, routes) out of the collector's
+        # sight: a full collection then scans only what requests create, and no longer stalls
+        # the loop for ~15 ms every second or so under load (measured: p99 at c=16 12 -> 4.6 ms).
+        gc.collect()
+        gc.freeze()
         log.info(
-            "llmux ready: %d models, budget %.2f GB",
+            "llmux ready: %d models, budget %.2f GB, %s",
             len(self.config.models),
             self.scheduler.core.budget_gb,
+            "NVML: measuring, learned peaks in " + str(self.scheduler.store.path)
+            if self.scheduler.store is not None
+            else "no NVML: reservations as configured",
         )
 
     async def shutdown(self) -> None:
@@ -103,6 +121,8 @@ class LlmuxApp:
         old = self.config
         if (new.server.host, new.server.port) != (old.server.host, old.server.port):
             log.warning("server.host and server.port changes take effect only after a restart")
+        if new.server.state_dir != old.server.state_dir:
+            log.warning("a server.state_dir change takes effect only after a restart")
         added = sorted(set(new.models) - set(old.models))
         removed = sorted(set(old.models) - set(new.models))
         changed = sorted(

@@ -9,7 +9,7 @@ through the injected ``clock`` (monotonic) and ``wall`` callables.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from llmux.config import Config, ModelConfig
@@ -73,7 +73,9 @@ class SchedulerCore:
         clock: Callable[[], float],
         wall: Callable[[], float],
         passover_bound: float = PASSOVER_BOUND_S,
+        learned: Mapping[str, float] | None = None,
     ) -> None:
+        """``learned``: peaks known from before (learned.json) for the config's launches."""
         self.config = config
         self.budget_gb = budget_gb
         self.effects = effects
@@ -83,6 +85,9 @@ class SchedulerCore:
         self.models: dict[str, ModelRecord] = {
             mid: ModelRecord.from_config(mid, config) for mid in config.models
         }
+        for mid, gb in (learned or {}).items():
+            if mid in self.models:
+                self.models[mid].learned_gb = gb
         self.waiters: dict[int, Waiter] = {}
         self.leases: dict[int, Held] = {}
         self.pending: dict[str, float] = {}
@@ -90,6 +95,11 @@ class SchedulerCore:
         self.drain_reasons: dict[str, StopReason] = {}
         """Why each draining model was doomed: its stop, on the last release, says the same."""
         self.closing = False
+        self.overcommit_gb = 0.0
+        """How far ``reserved_gb`` is over the budget because reservations grew while resident
+        (a measurement showed more than was reserved, a reload raised ``vram_gb`` or lowered the
+        budget). Reality, not a decision: no load starts until it is back under the budget, and
+        this only shrinks until the next such event."""
         self._internal_rids = itertools.count(-1, -1)
         """Request ids for waiters nobody awaits (preloads the core starts itself)."""
 
@@ -150,13 +160,53 @@ class SchedulerCore:
             case Deadline():
                 self._deadline(event.rid)
             case Measured():
-                m = self.models[event.model_id]
-                m.learned_gb = max(m.learned_gb, event.gb)
+                self._measured(event)
             case Reconfigure():
                 self._reconfigure(event)
             case Shutdown():
                 self._shutdown()
+        if isinstance(event, Measured | Reconfigure):
+            self.overcommit_gb = max(0.0, self.reserved_gb - self.budget_gb)
         self._pump()
+        if self.overcommit_gb > 0:
+            over = max(0.0, self.reserved_gb - self.budget_gb)
+            self.overcommit_gb = min(self.overcommit_gb, over)
+
+    # ------------------------------------------------------------------ fast path
+
+    def admit_ready(self, rid: int, model_id: str) -> int | None:
+        """``Acquire`` for a model that is ready, handled at once: count ``rid`` in flight and
+        return the model's generation; None (nothing changed) if it is not simply ready.
+
+        The same outcome as ``handle(Acquire(rid, model_id))`` minus the grant effect and the
+        pump: admitting a request to a ready model makes nothing startable that was not (it can
+        only turn an idle model busy), so there is nothing for the pump to do."""
+        m = self.models.get(model_id)
+        if (
+            m is None
+            or m.state is not ModelState.READY
+            or m.stop_when_ready is not None
+            or m.removed
+            or self.closing
+        ):
+            return None
+        m.in_flight += 1
+        m.last_used = self.wall()
+        self.leases[rid] = Held(rid, m.model_id, m.generation)
+        return m.generation
+
+    def release_busy(self, rid: int) -> bool:
+        """``Release`` of a lease whose model stays busy, handled at once; False (nothing
+        changed) otherwise. A model that is still busy afterwards changes no decision."""
+        lease = self.leases.get(rid)
+        if lease is None:
+            return False
+        m = self.models[lease.model_id]
+        if m.in_flight < 2 or m.state is not ModelState.READY or lease.generation != m.generation:
+            return False
+        del self.leases[rid]
+        m.in_flight -= 1
+        return True
 
     def _acquire(self, ev: Acquire) -> None:
         m = self.models.get(ev.model_id)
@@ -177,7 +227,7 @@ class SchedulerCore:
         ):
             decision = plan_load(self.snapshot(), ev.model_id)
             if isinstance(decision, Infeasible):
-                self.effects.reject(ev.rid, _insufficient(ev.model_id, decision))
+                self.effects.reject(ev.rid, _insufficient(m, decision))
                 return
         if ev.kind is WaiterKind.REQUEST and self.queued_requests >= self.config.server.max_queue:
             self.effects.reject(
@@ -368,14 +418,40 @@ class SchedulerCore:
             old_spec = m.spec
             m.removed = False
             m.configure(new)
+            known = ev.learned.get(mid, 0.0)
             if old_spec is not None and _launch_fields(old_spec) != _launch_fields(m.spec):
+                # What the old process taught does not apply to the new one.
+                if m.state is ModelState.UNLOADED:
+                    m.learned_gb, m.next_learned_gb = known, None
+                else:
+                    m.next_learned_gb = known
                 self._retire(m)  # its waiters stay and get the new process
+            else:
+                m.learned_gb = max(m.learned_gb, known)
+                if m.next_learned_gb is not None:
+                    m.next_learned_gb = max(m.next_learned_gb, known)
         for mid in new.models:
             if mid not in self.models:
                 self.models[mid] = ModelRecord.from_config(mid, new)
+                self.models[mid].learned_gb = ev.learned.get(mid, 0.0)
+        # Reservations and the budget may have changed: promises are planned again.
+        self.pending.clear()
         for mid, m in self.models.items():
             if m.pinned and m.state is ModelState.UNLOADED and not m.waiters:
                 self._acquire(Acquire(next(self._internal_rids), mid, WaiterKind.PRELOAD))
+
+    def _measured(self, ev: Measured) -> None:
+        m = self.models[ev.model_id]
+        if ev.generation is not None and (ev.generation != m.generation or m.on_cpu):
+            return  # an older process, or one placed on the CPU: not this reservation
+        if ev.gb <= m.learned_gb:
+            return
+        before = m.gpu_gb
+        m.learned_gb = ev.gb
+        if m.gpu_gb > before:
+            # A larger reservation: promises made with the old figures are planned again (a
+            # pending load may need more victims now, or no longer fit at all).
+            self.pending.clear()
 
     def _retire(self, m: ModelRecord) -> None:
         """Stop ``m`` for a reload (after draining); forget it once unloaded if it was removed."""
@@ -451,8 +527,8 @@ class SchedulerCore:
 
     def _pump(self) -> None:
         """Act on everything the current state allows, until nothing changes."""
-        if self.closing:
-            return
+        if self.closing or not (self.pending or self.waiters):
+            return  # nothing waits for memory or for a load: nothing to act on
         progress = True
         while progress:
             progress = False
@@ -476,7 +552,7 @@ class SchedulerCore:
                         self._doom(self.models[vid], StopReason.PRIORITY)
                 elif isinstance(decision, Infeasible):
                     for w in self._take_waiters(m):
-                        self.effects.reject(w.rid, _insufficient(m.model_id, decision))
+                        self.effects.reject(w.rid, _insufficient(m, decision))
                 elif isinstance(decision, Wait):
                     # Strict priority: nothing below a waiting model is planned before it.
                     break
@@ -487,8 +563,8 @@ class SchedulerCore:
 
     def check_invariants(self) -> None:
         """Raise AssertionError if a rule is broken. Cheap; used by tests after every step."""
-        assert self.reserved_gb <= self.budget_gb + 1e-6, (
-            f"budget: reserved {self.reserved_gb} > {self.budget_gb}"
+        assert self.reserved_gb <= self.budget_gb + self.overcommit_gb + 1e-6, (
+            f"budget: reserved {self.reserved_gb} > {self.budget_gb} + {self.overcommit_gb}"
         )
         for m in self.models.values():
             if m.state not in (ModelState.READY, ModelState.DRAINING):
@@ -504,9 +580,12 @@ def _launch_fields(spec: ModelConfig | None) -> tuple[object, ...]:
     return (spec.cmd, spec.engine, spec.model, spec.args, spec.env, spec.health)
 
 
-def _insufficient(model_id: str, d: Infeasible) -> InsufficientVram:
+def _insufficient(m: ModelRecord, d: Infeasible) -> InsufficientVram:
     held = ", ".join(f"{mid} ({gb:g} GB)" for mid, gb in d.holders) or "nothing"
+    measured = (
+        f" (measured; {m.configured_gb:g} GB configured)" if m.learned_gb > m.configured_gb else ""
+    )
     return InsufficientVram(
-        f"model '{model_id}' needs {d.need_gb:g} GB but only {d.budget_gb:g} GB is budgeted and "
-        f"memory it may not take is held by: {held}"
+        f"model '{m.model_id}' needs {d.need_gb:g} GB{measured} but only {d.budget_gb:g} GB is "
+        f"budgeted and memory it may not take is held by: {held}"
     )

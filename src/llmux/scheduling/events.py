@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from llmux.config import Config
@@ -86,10 +87,14 @@ class Deadline:
 
 @dataclass(frozen=True)
 class Measured:
-    """Rule 10 seam: the model's measured use (GB); raises its learned reservation."""
+    """Rule 10: the model's measured use (GB) raises its learned reservation (a peak).
+
+    From a measurement of a running process, ``generation`` is that process's: a late
+    measurement of an older process is ignored. None: a peak known from before (learned.json)."""
 
     model_id: str
     gb: float
+    generation: int | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,9 @@ class Reconfigure:
 
     config: Config
     budget_gb: float
+    learned: Mapping[str, float] = field(default_factory=dict)
+    """Peaks known (learned.json) for the new config's launches. A model whose launch changed
+    starts from these (or from nothing) instead of what its old process taught."""
 
 
 @dataclass(frozen=True)

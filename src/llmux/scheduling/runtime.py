@@ -4,6 +4,10 @@
 ``SchedulerCore.handle``. Routes talk to it only through ``acquire``/``release``/``load``/
 ``unload``/``status``; slow work (spawning, stopping) runs in tasks of its own and comes back as
 events, so no lock is ever held across I/O (rule 7).
+
+With a ``GpuProbe`` (NVML), rule 10 lives here too: a load's process starts only once the device
+really shows its reservation free, each model's process is measured after it is ready and after
+requests (``Measured`` events), and rising peaks are kept in ``learned.json``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 from llmux.backends.base import Child, Launcher, LaunchFailed, LaunchSpec
 from llmux.config import Config, ModelConfig
 from llmux.errors import LlmuxError, ModelNotFound
+from llmux.gpu import GpuProbe
 from llmux.observe import ModelGauge, SchedulerEvent
 from llmux.scheduling.core import SchedulerCore
 from llmux.scheduling.events import (
@@ -28,6 +33,7 @@ from llmux.scheduling.events import (
     Cancel,
     Event,
     LoadFinished,
+    Measured,
     Notice,
     ProcessExited,
     Reconfigure,
@@ -37,11 +43,19 @@ from llmux.scheduling.events import (
     StopReason,
     Unload,
 )
-from llmux.scheduling.state import ModelState, WaiterKind
+from llmux.scheduling.learned import LearnedStore, fingerprint, state_dir
+from llmux.scheduling.state import RESIDENT, ModelRecord, ModelState, WaiterKind
 
 log = logging.getLogger("llmux.scheduler")
 
 Listener = Callable[[SchedulerEvent], None]
+
+MEASURE_EVERY_S = 1.0
+"""At most one measurement of a model's process this often. The one after it is ready runs at
+once; one asked for sooner (a request ended) runs when the second is up, so the use after the
+last request of a burst is always measured."""
+FREE_POLL_S = 0.05
+"""How often a load waiting for free memory reads it again."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,8 @@ class _Running:
     generation: int
     child: Child
     stop_timeout: float
+    gpu_spec: ModelConfig | None = None
+    """The config it was started with on the GPU (None on the CPU): what it teaches is for this."""
 
 
 def launch_spec(model_id: str, m: ModelConfig, on_cpu: bool = False) -> LaunchSpec:
@@ -103,10 +119,22 @@ class Scheduler:
         budget_gb: float,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        gpu: GpuProbe | None = None,
     ) -> None:
+        """``gpu``: the device probe (NVML); None = nothing is measured, nothing is waited for,
+        and learned peaks are neither read nor written."""
         self.launcher = launcher
         self.clock = clock
-        self.core = SchedulerCore(config, budget_gb, self, clock, wall)
+        self.gpu = gpu
+        self.store = LearnedStore(state_dir(config.server.state_dir)) if gpu is not None else None
+        learned = self.store.peaks_for(config.models) if self.store is not None else {}
+        if self.store is not None and learned:
+            log.info(
+                "learned peaks from %s: %s",
+                self.store.path,
+                ", ".join(f"{mid} {gb:.2f} GB" for mid, gb in sorted(learned.items())),
+            )
+        self.core = SchedulerCore(config, budget_gb, self, clock, wall, learned=learned)
         self.listeners: list[Listener] = []
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._ids = itertools.count(1)
@@ -117,6 +145,12 @@ class Scheduler:
         self._owner: asyncio.Task[None] | None = None
         self._all_unloaded = asyncio.Event()
         self._handling = False
+        self._measured: dict[str, tuple[int, float]] = {}
+        """Each model's last measured use: (generation of the process, GB)."""
+        self._measured_at: dict[str, float] = {}
+        self._measuring: set[str] = set()
+        """Models with a measurement asked for and not done yet."""
+        self._probe_warned = False
 
     @property
     def config(self) -> Config:
@@ -124,7 +158,8 @@ class Scheduler:
         return self.core.config
 
     def reconfigure(self, config: Config, budget_gb: float) -> None:
-        self.post(Reconfigure(config, budget_gb))
+        learned = self.store.peaks_for(config.models) if self.store is not None else {}
+        self.post(Reconfigure(config, budget_gb, learned))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -155,7 +190,7 @@ class Scheduler:
     def post(self, event: Event) -> None:
         # Fast path: with nothing queued and no event being handled, handling it here is the
         # same order the owner task would use, minus two task switches per request.
-        if self._owner is not None and not self._handling and self._queue.empty():
+        if self._idle():
             self._handle(event)
         else:
             self._queue.put_nowait(event)
@@ -203,14 +238,39 @@ class Scheduler:
         finally:
             self._futures.pop(rid, None)
 
+    def _idle(self) -> bool:
+        """The owner is between events: state may be read and changed here, synchronously."""
+        return self._owner is not None and not self._handling and self._queue.empty()
+
+    def try_acquire(self, model_id: str) -> Lease | None:
+        """A lease at once if ``model_id`` is ready (no event, no future, no wait); else None,
+        and ``acquire`` is the way. The hot path for requests to a loaded model."""
+        run = self._children.get(model_id)
+        if run is None or not self._idle():
+            return None
+        rid = next(self._ids)
+        generation = self.core.admit_ready(rid, model_id)
+        if generation is None:
+            return None
+        if run.generation != generation:  # cannot happen for a ready model; stay safe
+            self.post(Release(rid))
+            return None
+        return Lease(rid, model_id, generation, run.child.base_url)
+
     async def acquire(self, model_id: str) -> Lease:
         """Wait until ``model_id`` is ready and count this request in flight."""
+        lease = self.try_acquire(model_id)
+        if lease is not None:
+            return lease
         lease = await self._wait(lambda rid: Acquire(rid, model_id))
         assert lease is not None
         return lease
 
     def release(self, lease: Lease) -> None:
-        self.post(Release(lease.rid))
+        if not (self._idle() and self.core.release_busy(lease.rid)):
+            self.post(Release(lease.rid))
+        if self.gpu is not None:
+            self._measure_soon(lease.model_id)
 
     async def load(self, model_id: str) -> None:
         await self._wait(lambda rid: Acquire(rid, model_id, WaiterKind.ADMIN_LOAD))
@@ -235,7 +295,7 @@ class Scheduler:
                     "state": m.state.value,
                     "vram_gb": m.gpu_gb,
                     "placement": "cpu" if m.on_cpu else "gpu",
-                    "measured_gb": None,
+                    "measured_gb": self._measured_gb(m),
                     "pinned": m.pinned,
                     "in_flight": m.in_flight,
                     "queued": len(m.waiters),
@@ -248,10 +308,26 @@ class Scheduler:
             "vram": {
                 "budget_gb": core.budget_gb,
                 "reserved_gb": round(core.reserved_gb, 6),
-                "measured_gb": None,
+                "measured_gb": self._device_used_gb(),
             },
             "models": models,
         }
+
+    def _measured_gb(self, m: ModelRecord) -> float | None:
+        """The last measured use of ``m``'s current process on the GPU; None if there is none."""
+        found = self._measured.get(m.model_id)
+        if found is None or found[0] != m.generation or m.on_cpu or m.state not in RESIDENT:
+            return None
+        return round(found[1], 3)
+
+    def _device_used_gb(self) -> float | None:
+        if self.gpu is None:
+            return None
+        try:
+            return round(self.gpu.used_gb(), 3)
+        except Exception as exc:
+            self._probe_trouble("read used memory", exc)
+            return None
 
     # ------------------------------------------------------------------ effects
 
@@ -310,7 +386,7 @@ class Scheduler:
         """(budget, reserved, per-model gauges) for /metrics, read at scrape time."""
         core = self.core
         models = [
-            ModelGauge(mid, m.tier, m.state, m.in_flight, len(m.waiters))
+            ModelGauge(mid, m.tier, m.state, m.in_flight, len(m.waiters), self._measured_gb(m))
             for mid, m in core.models.items()
         ]
         return core.budget_gb, core.reserved_gb, models
@@ -324,9 +400,13 @@ class Scheduler:
 
     async def _load(self, model_id: str, generation: int) -> None:
         record = self.core.models[model_id]
-        assert record.spec is not None
+        spec = record.spec
+        assert spec is not None
+        need = record.reservation_gb  # 0 on the CPU
         try:
-            launch = launch_spec(model_id, record.spec, record.on_cpu)
+            launch = launch_spec(model_id, spec, record.on_cpu)
+            if self.gpu is not None and need > 0:
+                await self._wait_free(model_id, need)
             child = await self.launcher.launch(launch)
         except LaunchFailed as exc:
             self.post(LoadFinished(model_id, generation, error=exc.describe()))
@@ -334,8 +414,11 @@ class Scheduler:
         except Exception as exc:  # e.g. an engine's missing package: a failed load, not a crash
             self.post(LoadFinished(model_id, generation, error=str(exc)))
             return
-        self._children[model_id] = _Running(generation, child, launch.stop_timeout)
+        gpu_spec = None if record.on_cpu else spec
+        self._children[model_id] = _Running(generation, child, launch.stop_timeout, gpu_spec)
         self.post(LoadFinished(model_id, generation, pid=child.pid))
+        if self.gpu is not None and gpu_spec is not None:
+            self._measure_soon(model_id, at_once=True)
         returncode = await child.wait_exit()
         self.post(
             ProcessExited(model_id, generation, returncode, "\n".join(child.log_tail()[-20:]))
@@ -346,3 +429,98 @@ class Scheduler:
         if run is not None and run.generation == generation:
             await asyncio.shield(run.child.stop(run.stop_timeout))
         self.post(StopFinished(model_id, generation))
+
+    # ------------------------------------------------------------------ rule 10: measuring
+
+    async def _wait_free(self, model_id: str, need: float) -> None:
+        """Return once the device shows ``need`` GB free; LaunchFailed after ``gpu.free_wait``.
+
+        Our accounting already says the memory is free (the plan let the load start); this waits
+        for the device to agree: a stopped process's memory comes back a little after it exits.
+        """
+        assert self.gpu is not None
+        limit = self.config.gpu.free_wait
+        started = self.clock()
+        polls = 0
+        while True:
+            try:
+                free = await asyncio.to_thread(self.gpu.free_gb)
+            except Exception as exc:  # NVML trouble: load as if there were no NVML
+                self._probe_trouble("read free memory", exc)
+                return
+            polls += 1
+            if free + 1e-9 >= need:
+                break
+            waited = self.clock() - started
+            if waited >= limit:
+                raise LaunchFailed(
+                    f"{model_id}: the GPU shows {free:.2f} GB free after waiting {limit:g} s "
+                    f"(gpu.free_wait), but the model needs {need:g} GB",
+                    [],
+                )
+            await asyncio.sleep(min(FREE_POLL_S, limit - waited))
+        if polls > 1:
+            log.info(
+                "gpu_wait model=%s waited_s=%.3f need_gb=%.2f free_gb=%.2f",
+                model_id,
+                self.clock() - started,
+                need,
+                free,
+            )
+
+    def _measure_soon(self, model_id: str, at_once: bool = False) -> None:
+        """Measure the model's process now, or when its last measurement is a second old."""
+        if model_id in self._measuring:
+            return
+        run = self._children.get(model_id)
+        if run is None or run.gpu_spec is None:
+            return  # gone, or on the CPU: nothing to measure
+        last = self._measured_at.get(model_id)
+        delay = 0.0 if at_once or last is None else last + MEASURE_EVERY_S - self.clock()
+        self._measuring.add(model_id)
+        self._spawn(self._measure(model_id, max(0.0, delay)))
+
+    async def _measure(self, model_id: str, delay: float) -> None:
+        assert self.gpu is not None
+        try:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            run = self._children.get(model_id)
+            if run is None or run.gpu_spec is None or run.child.returncode is not None:
+                return
+            self._measured_at[model_id] = self.clock()
+            try:
+                gb = await asyncio.to_thread(self.gpu.process_gb, (run.child.pid,))
+            except Exception as exc:
+                self._probe_trouble("measure a process", exc)
+                return
+            if self._children.get(model_id) is not run:
+                return  # a newer process took its place meanwhile
+            self._measured[model_id] = (run.generation, gb)
+            if gb > 0:
+                self.post(Measured(model_id, gb, run.generation))
+                self._remember(model_id, run.gpu_spec, gb)
+        finally:
+            self._measuring.discard(model_id)
+
+    def _remember(self, model_id: str, spec: ModelConfig, gb: float) -> None:
+        """Persist a rising peak, if the process was started as the config says now."""
+        current = self.config.models.get(model_id)
+        if self.store is None or current is None or fingerprint(current) != fingerprint(spec):
+            return
+        configured = current.vram_gb
+        if self.store.record(model_id, spec, gb):
+            log.info(
+                "learned model=%s peak_gb=%.2f configured_gb=%.2f file=%s",
+                model_id,
+                gb,
+                configured,
+                self.store.path,
+            )
+
+    def _probe_trouble(self, what: str, exc: Exception) -> None:
+        if not self._probe_warned:
+            log.warning("NVML could not %s: %s (warned once)", what, exc)
+            self._probe_warned = True
+        else:
+            log.debug("NVML could not %s: %s", what, exc)

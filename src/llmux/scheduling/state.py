@@ -96,6 +96,9 @@ class ModelRecord:
     """The model's config as of its last (re)configuration."""
     on_cpu: bool = False
     """Placed on the CPU (cpu_fallback) for its current process: it holds no VRAM."""
+    next_learned_gb: float | None = None
+    """Its launch changed (reload) while a process of the old one runs: the learned peak that
+    applies once that process is gone."""
 
     @classmethod
     def from_config(cls, model_id: str, config: Config) -> ModelRecord:
@@ -138,3 +141,5 @@ class ModelRecord:
         self.state = to
         if to is ModelState.UNLOADED:
             self.on_cpu = False
+            if self.next_learned_gb is not None:
+                self.learned_gb, self.next_learned_gb = self.next_learned_gb, None

@@ -1,0 +1,176 @@
+"""Learned peaks on disk (rule 10): what each model really used, so a restart starts from it.
+
+``<state_dir>/learned.json``::
+
+    {"version": 1,
+     "models": {"qwen-7b": {"gb": 6.42, "fingerprint": "3f2a...", "launch": "llama-server -m ...",
+                            "updated": 1795883208.3}}}
+
+An entry counts only for the launch it was measured for: ``fingerprint`` hashes what was started
+(``cmd``, or ``engine`` + ``model`` + ``args``, and ``env``), so a model whose command changed
+starts from its configured ``vram_gb`` again. ``launch`` is for people reading the file.
+
+The file is written atomically (a temporary file, then ``os.replace``) each time a peak rises,
+merged with what is on disk then (another llmux may share the directory). A file that cannot be
+read or parsed is ignored with a warning, and replaced at the next write. This is effects-side
+code: the scheduler core never touches it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmux.config import ModelConfig
+
+log = logging.getLogger("llmux.scheduler")
+
+FILE_NAME = "learned.json"
+_VERSION = 1
+
+
+def default_state_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """``$XDG_STATE_HOME/llmux``, or ``~/.local/state/llmux``."""
+    base = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "llmux"
+
+
+def state_dir(configured: str | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """``server.state_dir`` (``~`` expanded), or the default."""
+    if configured:
+        return Path(configured).expanduser()
+    return default_state_dir(environ)
+
+
+def launch_text(spec: ModelConfig) -> str:
+    """What was started, for people (the environment is left out: it may hold secrets)."""
+    if spec.cmd is not None:
+        return spec.cmd
+    args = " ".join(f"{k}={v}" for k, v in sorted(spec.args.items()))
+    return f"{spec.engine} {spec.model} {args}".strip()
+
+
+def fingerprint(spec: ModelConfig) -> str:
+    """A hash of what a model's GPU process is started with."""
+    what = {
+        "cmd": spec.cmd,
+        "engine": spec.engine,
+        "model": spec.model,
+        "args": spec.args,
+        "env": spec.env,
+    }
+    text = json.dumps(what, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Peak:
+    gb: float
+    fingerprint: str
+    launch: str = ""
+    updated: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "gb": round(self.gb, 4),
+            "fingerprint": self.fingerprint,
+            "launch": self.launch,
+            "updated": round(self.updated, 1),
+        }
+
+
+class LearnedStore:
+    """The learned peaks of one state directory, read once at start and written on each rise."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / FILE_NAME
+        self._peaks = self._read(warn=True)
+        self._write_failed = False
+
+    def peaks_for(self, models: Mapping[str, ModelConfig]) -> dict[str, float]:
+        """Learned GB of each model whose entry was measured for its current launch."""
+        out = {}
+        for mid, spec in models.items():
+            peak = self._peaks.get(mid)
+            if peak is not None and peak.fingerprint == fingerprint(spec):
+                out[mid] = peak.gb
+        return out
+
+    def peak(self, model_id: str, fp: str) -> float:
+        peak = self._peaks.get(model_id)
+        return peak.gb if peak is not None and peak.fingerprint == fp else 0.0
+
+    def record(self, model_id: str, spec: ModelConfig, gb: float) -> bool:
+        """Keep ``gb`` as the peak of ``spec``'s launch if it is higher; True if it was written."""
+        fp = fingerprint(spec)
+        if gb <= self.peak(model_id, fp) + 1e-9:
+            return False
+        on_disk = self._read(warn=False)
+        self._peaks = {**on_disk, **{k: v for k, v in self._peaks.items() if k not in on_disk}}
+        if gb <= self.peak(model_id, fp) + 1e-9:
+            return False  # another llmux wrote a higher one meanwhile
+        self._peaks[model_id] = Peak(gb, fp, launch_text(spec), time.time())
+        try:
+            self._write()
+        except OSError as exc:
+            if not self._write_failed:
+                log.warning("cannot write learned peaks to %s: %s", self.path, exc)
+            self._write_failed = True
+            return False
+        self._write_failed = False
+        return True
+
+    def _read(self, *, warn: bool) -> dict[str, Peak]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            if warn:
+                log.warning("ignoring learned peaks in %s: %s", self.path, exc)
+            return {}
+        try:
+            data = json.loads(text)
+            models = data["models"]
+            if not isinstance(models, dict):
+                raise TypeError("'models' is not a mapping")
+            peaks = {}
+            for mid, entry in models.items():
+                gb = entry["gb"]
+                if not isinstance(gb, int | float) or isinstance(gb, bool) or gb < 0:
+                    raise ValueError(f"models.{mid}.gb is not a number of GB")
+                peaks[str(mid)] = Peak(
+                    float(gb),
+                    str(entry["fingerprint"]),
+                    str(entry.get("launch", "")),
+                    float(entry.get("updated", 0.0)),
+                )
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            if warn:
+                log.warning("ignoring learned peaks in %s: not valid (%s)", self.path, exc)
+            return {}
+        return peaks
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = {
+            "version": _VERSION,
+            "models": {mid: p.as_dict() for mid, p in sorted(self._peaks.items())},
+        }
+        fd, tmp = tempfile.mkstemp(prefix=".learned-", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                json.dump(data, out, indent=1)
+                out.write("\n")
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
