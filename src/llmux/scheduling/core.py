@@ -195,17 +195,20 @@ class SchedulerCore:
         self.leases[rid] = Held(rid, m.model_id, m.generation)
         return m.generation
 
-    def release_busy(self, rid: int) -> bool:
-        """``Release`` of a lease whose model stays busy, handled at once; False (nothing
-        changed) otherwise. A model that is still busy afterwards changes no decision."""
+    def release_now(self, rid: int) -> bool:
+        """``Release`` of a lease on a ready model while nothing waits, handled at once; False
+        (nothing changed) otherwise. With no waiter, no promised load and no overcommit the
+        pump has nothing to act on, so this is ``handle(Release(rid))`` minus the event."""
         lease = self.leases.get(rid)
-        if lease is None:
+        if lease is None or self.waiters or self.pending or self.overcommit_gb > 0:
             return False
         m = self.models[lease.model_id]
-        if m.in_flight < 2 or m.state is not ModelState.READY or lease.generation != m.generation:
+        if m.state is not ModelState.READY or lease.generation != m.generation or self.closing:
             return False
         del self.leases[rid]
         m.in_flight -= 1
+        if m.in_flight == 0:
+            self._became_idle(m)
         return True
 
     def _acquire(self, ev: Acquire) -> None:

@@ -267,7 +267,7 @@ class Scheduler:
         return lease
 
     def release(self, lease: Lease) -> None:
-        if not (self._idle() and self.core.release_busy(lease.rid)):
+        if not (self._idle() and self.core.release_now(lease.rid)):
             self.post(Release(lease.rid))
         if self.gpu is not None:
             self._measure_soon(lease.model_id)
