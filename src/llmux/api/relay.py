@@ -135,6 +135,10 @@ def _multipart_model(body: bytes, content_type: str) -> str | None:
     return found
 
 
+WHOLE_BODY_MAX = 256 * 1024
+"""A non-SSE answer with a Content-Length up to this is read whole and sent in one message;
+longer ones (and SSE, and answers without a length) are passed on chunk by chunk."""
+
 WATCH_AFTER_S = 0.05
 """A request still running this long starts watching for its client's disconnect."""
 
@@ -374,6 +378,12 @@ class Relay:
                         }
                     )
                     started = True
+                length = resp.content_length
+                if not sse and length is not None and length <= WHOLE_BODY_MAX:
+                    # A small answer of known length: one read, one send.
+                    body = await resp.read()
+                    await send({"type": "http.response.body", "body": body})
+                    return
                 async for chunk in resp.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
