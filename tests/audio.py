@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 import struct
 
 SENTENCE = "Please turn on the kitchen lights and set a timer for ten minutes."
 
 _NUMBERS = {"10": "ten"}
+
+
+def assert_heard(
+    text: str, expected: str = SENTENCE, at_least: float = 0.9, what: str = ""
+) -> None:
+    """``text`` is what Whisper made of ``expected``, allowing one misheard word in 13.
+
+    Piper draws random noise for each synthesis (its noise_scale), so the same sentence sounds a
+    little different every time, and whisper-tiny now and then hears "place" for "please". An
+    exact match would fail at random; a wrong format, an empty or a foreign text still fails."""
+    got, want = normalise(text), normalise(expected)
+    ratio = difflib.SequenceMatcher(a=got, b=want).ratio()
+    assert ratio >= at_least, f"{what} heard {got}, expected {want} (similarity {ratio:.2f})"
 
 
 def normalise(text: str) -> list[str]:
