@@ -14,24 +14,13 @@ from llmux.scheduling.core import SchedulerCore
 from llmux.sim.engine import Simulator
 from llmux.sim.experiments import parse_variant
 from llmux.sim.metrics import percentile, summarize
-from llmux.sim.policies import Baseline
+from llmux.sim.policies import POLICIES, Baseline
 from llmux.sim.run import resolve_policy, run_policy, run_scenario
 from llmux.sim.scenario import Scenario, build_scenario, load_scenario, parse_override
 from llmux.sim.workload import SimRequest, TraceRow, Workload, build_workload
 
 ROOT = Path(__file__).resolve().parent.parent
-ALL = [
-    "llmux",
-    "llmux-gpu-only",
-    "strict",
-    "seed",
-    "llama-swap",
-    "ollama",
-    "lru",
-    "oracle",
-    "oracle-tiered",
-    "floor",
-]
+ALL = list(POLICIES)
 
 
 def scenario(models: dict[str, dict[str, Any]], **extra: Any) -> Scenario:
