@@ -848,6 +848,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.queue_timeout = queue_timeout
         config = make_config(specs, max_queue=max_queue, queue_timeout=queue_timeout)
         self.config = config
+        self.specs = specs
         self.core = SchedulerCore(
             config, BUDGET, self.rec, clock=self.clock, wall=lambda: 1.7e9 + self.clock.now
         )
@@ -1167,6 +1168,33 @@ class CoreMachine(RuleBasedStateMachine):
         m = self.core.models[data.draw(st.sampled_from(serving))]
         before = len(self.rec.loads())
         self.send(Measured(m.model_id, m.gpu_gb + extra, m.generation))
+        if self.core.overcommit_gb > 0:
+            assert len(self.rec.loads()) == before, "a load started over the budget"
+
+    @rule(data=st.data(), go=RARELY)
+    def reload_sizes(self, data: st.DataObject, go: int) -> None:
+        """A reload that changes only reservations (``vram_gb``): applied live, no restart.
+        Larger ones may overcommit (then no load starts), smaller ones may let a promised
+        load start; promises are planned again either way."""
+        if go or any(
+            m.pinned and m.state is ModelState.UNLOADED and not m.waiters
+            for m in self.core.models.values()
+        ):
+            # A reload preloads such a pinned model again under a request id of the core's own,
+            # which this model of the world cannot follow (test_reconfigure.py covers that case).
+            return
+        specs = {
+            mid: {**spec, "vram_gb": spec["vram_gb"] * data.draw(st.sampled_from([0.5, 1, 1.5]))}
+            for mid, spec in self.specs.items()
+        }
+        self.specs = specs
+        self.config = make_config(specs, max_queue=self.max_queue, queue_timeout=self.queue_timeout)
+        before = len(self.rec.loads())
+        stops = len(self.rec.stops())
+        self.send(Reconfigure(self.config, BUDGET))
+        for mid, m in self.core.models.items():
+            assert m.configured_gb == specs[mid]["vram_gb"], mid
+        assert all(reason is not StopReason.RELOAD for _, _, reason in self.rec.stops()[stops:])
         if self.core.overcommit_gb > 0:
             assert len(self.rec.loads()) == before, "a load started over the budget"
 

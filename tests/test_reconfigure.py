@@ -49,3 +49,19 @@ def test_live_settings_and_budget_apply_without_a_restart() -> None:
     assert r.rec.stops() == []
     assert r.core.models["a"].reservation_gb == 5
     assert r.core.budget_gb == 6.0
+
+
+def test_reload_preloads_an_unloaded_pinned_model_again() -> None:
+    p = {"type": "asr", "vram_gb": 2, "pinned": True}
+    r = rig({"p": p, "a": A})
+    r.send(Reconfigure(make_config({"p": p, "a": A}), 10.0))
+    assert r.rec.loads() == [("p", 1)]  # the core's own preload (rig() started no preload)
+    r.loaded("p")
+    r.unload("p")
+    r.stopped("p")
+    assert r.state("p") is ModelState.UNLOADED  # an admin unload also unloads a pinned model
+    r.send(Reconfigure(make_config({"p": {**p, "vram_gb": 3}, "a": A}), 10.0))
+    assert r.rec.loads()[-1] == ("p", 2)  # pinned means resident: a reload loads it again
+    r.loaded("p")
+    assert r.state("p") is ModelState.READY
+    assert r.core.waiters == {}  # nobody waited on the preload
