@@ -24,4 +24,5 @@ lint: install-dev
 
 test: lint
 	./scripts/ensure-chromium.sh
+	./scripts/ensure-wrk.sh
 	$(PYTHON) -m pytest

@@ -1,0 +1,96 @@
+"""Smoke runs of the gateway-overhead bench (issue 5B): the tools run end to end and write
+well-formed results. The numbers are not checked: these machines are noisy, and a test is not a
+benchmark (bench/results/ and docs/performance.md hold the measurements)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("wrk") is None, reason="wrk is not installed (scripts/ensure-wrk.sh)"
+    ),
+]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_overhead_bench_quick_run_writes_well_formed_results(tmp_path: Path) -> None:
+    _run(
+        "bench/overhead/run.py",
+        "--quick",
+        "--repeats",
+        "1",
+        "--no-litellm",
+        "--max-wait",
+        "0",
+        "--out",
+        str(tmp_path),
+    )
+    [json_path] = tmp_path.glob("overhead-*.json")
+    [md_path] = tmp_path.glob("overhead-*.md")
+    result = json.loads(json_path.read_text())
+    assert "bench/overhead/run.py" in result["command"]
+    assert result["paths"] == ["direct", "direct-1core", "llmux", "bare"]
+    [rep] = result["repeats"]
+    for block in ("c1", "c16", "sse"):
+        for path in result["paths"]:
+            assert block in rep
+            assert path in rep[block]
+    for path in ("direct", "llmux", "bare"):
+        assert rep["c1"][path]["rps"] > 0
+        assert rep["c1"][path]["errors"] == 0
+    summary = result["summary"]
+    assert summary["errors"] == dict.fromkeys(result["paths"], 0)
+    goals = summary["goals"]
+    assert len(goals) == 7
+    for goal in goals:
+        assert isinstance(goal["value"], float)
+        assert isinstance(goal["pass"], bool)
+    text = md_path.read_text()
+    assert "## Goals (issue 5)" in text
+    assert "| req/s, c=1 |" in text
+
+
+def test_cpu_ab_compares_two_builds(tmp_path: Path) -> None:
+    src = str(ROOT / "src")
+    proc = _run(
+        "bench/overhead/cpu_ab.py",
+        "--rounds",
+        "1",
+        "--seconds",
+        "1",
+        "--out",
+        str(tmp_path),
+        src,
+        src,
+    )
+    [json_path] = tmp_path.glob("overhead-*-cpu-ab.json")
+    result = json.loads(json_path.read_text())
+    assert set(result["medians"]) == {src}  # the same tree twice is one entry, measured twice
+    medians = result["medians"][src]
+    for key in ("rps_c1", "rps_c16", "cpu_us_c1", "cpu_us_c16"):
+        assert medians[key] > 0, key
+    assert len(result["samples"][src]["rps_c1"]) == 2
+    assert "wrote" in proc.stdout
