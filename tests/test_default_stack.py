@@ -150,11 +150,11 @@ def test_speech_wav_and_pcm(start_server: StartServer) -> None:
         ) as response,
     ):
         assert response.status_code == 200
-        assert response.headers["x-sample-rate"] == "22050"  # the child's headers pass through
+        assert response.headers["x-sample-rate"] == "24000"  # the child's headers pass through
         pcm = b"".join(response.iter_bytes())
     assert pcm[:4] != b"RIFF"
     assert len(pcm) % 2 == 0
-    assert 0.3 < len(pcm) / (22050 * 2) < 5.0
+    assert 0.3 < len(pcm) / (24000 * 2) < 5.0
 
 
 def test_bad_audio_and_empty_speech_are_400(start_server: StartServer) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import itertools
 import os
 import re
 import struct
@@ -288,10 +289,30 @@ def test_speech_pcm(piper: Server) -> None:
             model="tts", voice="en_US-joe-medium", input="Hello there.", response_format="pcm"
         )
     data = response.content
-    assert response.response.headers["x-sample-rate"] == "22050"
+    assert response.response.headers["x-sample-rate"] == "24000"  # OpenAI's pcm rate
     assert data[:4] != b"RIFF"
     assert len(data) % 2 == 0
-    assert 0.3 < len(data) / (22050 * 2) < 5.0
+    assert 0.3 < len(data) / (24000 * 2) < 5.0
+
+
+def test_pcm_resampling_keeps_the_pitch() -> None:
+    """The 22,050 -> 24,000 Hz resampler, fed in uneven chunks like Piper's: the length grows by
+    24000/22050 and a 1 kHz tone stays 1 kHz (played at 24 kHz it would be 1.09 kHz unresampled)."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("av")
+    from llmux.engines.piper import _Resampler
+
+    t = np.arange(22050) / 22050
+    tone = (np.sin(2 * np.pi * 1000 * t) * 12000).astype("<i2").tobytes()
+    resampler = _Resampler(22050, 24000)
+    cuts = [0, 6002, 18000, 40000, 44100]  # bytes: whole 16-bit samples, uneven chunks
+    out = b"".join(resampler.convert(tone[a:b]) for a, b in itertools.pairwise(cuts))
+    out += resampler.finish()
+    samples = np.frombuffer(out, dtype="<i2")
+    assert abs(len(samples) - 24000) <= 64
+    spectrum = np.abs(np.fft.rfft(samples[1000:-1000].astype(float)))
+    peak_hz = np.argmax(spectrum) * 24000 / (len(samples) - 2000)
+    assert abs(peak_hz - 1000) < 5
 
 
 def test_speech_streams_in_chunks(piper: Server) -> None:
@@ -306,7 +327,7 @@ def test_speech_streams_in_chunks(piper: Server) -> None:
         assert "content-length" not in response.headers
         sizes = [len(chunk) for chunk in response.iter_bytes()]
     assert len(sizes) > 1
-    assert sum(sizes) / (22050 * 2) > 10.0
+    assert sum(sizes) / (24000 * 2) > 10.0
 
 
 def test_speech_speed_changes_length(piper: Server) -> None:

@@ -10,11 +10,12 @@ synthesized, sentence by sentence: a blocking worker thread runs ``voice.synthes
 each chunk to the response through a queue.
 
 Formats: ``wav`` (a streaming header whose sizes say "unknown", 0xFFFFFFFF, then 16-bit mono PCM)
-and ``pcm`` (raw 16-bit little-endian mono at the voice's own rate, given in ``X-Sample-Rate``;
-22050 Hz for the packaged voice, where OpenAI's own is 24000) always; ``mp3``, ``opus`` (Ogg),
-``aac`` (ADTS) and ``flac`` when PyAV (``pip install av``; faster-whisper brings it) has an encoder
-for them. Voices: OpenAI's names and the voice's own name speak with the default speaker; a
-multi-speaker voice also takes its speaker names. Errors are OpenAI's envelope.
+and ``pcm`` (raw 16-bit little-endian mono at 24 kHz like OpenAI's, resampled from the voice's
+own rate with PyAV; without PyAV at the voice's own rate; ``X-Sample-Rate`` says which) always;
+``mp3``, ``opus`` (Ogg), ``aac`` (ADTS) and ``flac`` when PyAV (``pip install av``;
+faster-whisper brings it) has an encoder for them. Voices: OpenAI's names and the voice's own
+name speak with the default speaker; a multi-speaker voice also takes its speaker names. Errors
+are OpenAI's envelope.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -157,6 +159,39 @@ class _Sink:
         return out
 
 
+PCM_RATE = 24_000
+"""OpenAI's ``pcm``: 16-bit mono at 24 kHz. Clients play it at that rate without asking."""
+
+
+class _Resampler:
+    """16-bit mono PCM from one rate to another, chunk by chunk as it comes (PyAV/libswresample)."""
+
+    def __init__(self, src_rate: int, dst_rate: int) -> None:
+        import av
+
+        self._av = av
+        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=dst_rate)
+        self._rate = src_rate
+        self._pts = 0
+
+    def _out(self, frames: Any) -> bytes:
+        return b"".join(f.to_ndarray().tobytes() for f in frames)
+
+    def convert(self, pcm: bytes) -> bytes:
+        import numpy as np
+
+        samples = np.frombuffer(pcm, dtype="<i2").reshape(1, -1)
+        frame = self._av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = self._rate
+        frame.pts = self._pts
+        self._pts += samples.shape[1]
+        return self._out(self._resampler.resample(frame))
+
+    def finish(self) -> bytes:
+        """What the resampler still holds (its filter's delay) once the input has ended."""
+        return self._out(self._resampler.resample(None))
+
+
 class _Encoder:
     """Encodes 16-bit mono PCM chunks to a compressed format as they come (PyAV)."""
 
@@ -233,6 +268,8 @@ class Speaker:
         self.own_names = {n for n in names if n}
         self.default_speaker = self._speaker(default_speaker) if default_speaker else None
         self.encoders = available_encoders()
+        self.pcm_rate = PCM_RATE if importlib.util.find_spec("av") is not None else self.sample_rate
+        """The rate of ``pcm`` answers: OpenAI's 24 kHz when PyAV can resample."""
 
     def _speaker(self, value: int | str) -> int:
         if isinstance(value, str) and value in self.speakers:
@@ -266,6 +303,9 @@ class Speaker:
 
         syn_config = SynthesisConfig(speaker_id=job.speaker_id, length_scale=job.length_scale)
         encoder: _Encoder | None = None
+        resampler: _Resampler | None = None
+        if job.response_format == "pcm" and self.pcm_rate != self.sample_rate:
+            resampler = _Resampler(self.sample_rate, self.pcm_rate)
         if job.response_format in ENCODINGS:
             codec = self.encoders[job.response_format]
             encoder = _Encoder(job.response_format, codec, self.sample_rate)
@@ -276,13 +316,17 @@ class Speaker:
                 if stop.is_set():
                     return
                 pcm: bytes = chunk.audio_int16_bytes
-                data = encoder.encode(pcm) if encoder else pcm
+                if encoder:
+                    data = encoder.encode(pcm)
+                elif resampler:
+                    data = resampler.convert(pcm)
+                else:
+                    data = pcm
                 if data:
                     yield data
-            if encoder:
-                tail = encoder.finish()
-                if tail:
-                    yield tail
+            tail = encoder.finish() if encoder else resampler.finish() if resampler else b""
+            if tail:
+                yield tail
         finally:
             if encoder:
                 encoder.close()
@@ -432,7 +476,8 @@ def create_app(speaker: Speaker, model_id: str = "piper") -> Starlette:
             finally:
                 await chunks.aclose()
 
-        headers = {"X-Sample-Rate": str(speaker.sample_rate)}
+        rate = speaker.pcm_rate if job.response_format == "pcm" else speaker.sample_rate
+        headers = {"X-Sample-Rate": str(rate)}
         return StreamingResponse(
             body_iter(), media_type=MEDIA_TYPES[job.response_format], headers=headers
         )
