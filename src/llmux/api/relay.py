@@ -297,16 +297,16 @@ class Relay:
         headers early, then a comment line every LOADING_COMMENT_EVERY_S, so clients and proxies
         do not time out during a load. Errors then arrive as an SSE ``error`` event.
         """
-        lease = self.scheduler.try_acquire(model_id)
-        if lease is not None:
-            return lease, False  # ready: no task, no wait, no loading comments
         if not stream:
             try:
-                return await self.scheduler.acquire(model_id), False
+                return await self.scheduler.acquire(model_id), False  # ready: no wait at all
             except LlmuxError as exc:
                 out.status = exc.status
                 await send_error(send, exc)
                 raise _Answered from None
+        lease = self.scheduler.try_acquire(model_id)
+        if lease is not None:
+            return lease, False  # ready: no task, no wait, no loading comments
         task = asyncio.ensure_future(self.scheduler.acquire(model_id))
         early = False
         try:

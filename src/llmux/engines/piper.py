@@ -159,6 +159,27 @@ class _Sink:
         return out
 
 
+class _Frames:
+    """16-bit mono PCM chunks as consecutive PyAV audio frames (running timestamps)."""
+
+    def __init__(self, sample_rate: int) -> None:
+        import av
+
+        self._av = av
+        self._rate = sample_rate
+        self._pts = 0
+
+    def __call__(self, pcm: bytes) -> Any:
+        import numpy as np
+
+        samples = np.frombuffer(pcm, dtype="<i2").reshape(1, -1)
+        frame = self._av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = self._rate
+        frame.pts = self._pts
+        self._pts += samples.shape[1]
+        return frame
+
+
 PCM_RATE = 24_000
 """OpenAI's ``pcm``: 16-bit mono at 24 kHz. Clients play it at that rate without asking."""
 
@@ -169,23 +190,14 @@ class _Resampler:
     def __init__(self, src_rate: int, dst_rate: int) -> None:
         import av
 
-        self._av = av
         self._resampler = av.AudioResampler(format="s16", layout="mono", rate=dst_rate)
-        self._rate = src_rate
-        self._pts = 0
+        self._frames = _Frames(src_rate)
 
     def _out(self, frames: Any) -> bytes:
         return b"".join(f.to_ndarray().tobytes() for f in frames)
 
     def convert(self, pcm: bytes) -> bytes:
-        import numpy as np
-
-        samples = np.frombuffer(pcm, dtype="<i2").reshape(1, -1)
-        frame = self._av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
-        frame.sample_rate = self._rate
-        frame.pts = self._pts
-        self._pts += samples.shape[1]
-        return self._out(self._resampler.resample(frame))
+        return self._out(self._resampler.resample(self._frames(pcm)))
 
     def finish(self) -> bytes:
         """What the resampler still holds (its filter's delay) once the input has ended."""
@@ -198,9 +210,8 @@ class _Encoder:
     def __init__(self, fmt: str, codec: str, sample_rate: int) -> None:
         import av
 
-        self._av = av
         enc = ENCODINGS[fmt]
-        self._rate = sample_rate
+        self._frames = _Frames(sample_rate)
         self._sink = _Sink()
         # Small buffer, flushed per packet: bytes leave as soon as a frame is encoded.
         self._container = av.open(
@@ -216,17 +227,9 @@ class _Encoder:
         if enc.bit_rate:
             stream.bit_rate = enc.bit_rate
         self._stream = stream
-        self._pts = 0
 
     def encode(self, pcm: bytes) -> bytes:
-        import numpy as np
-
-        samples = np.frombuffer(pcm, dtype="<i2").reshape(1, -1)
-        frame = self._av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
-        frame.sample_rate = self._rate
-        frame.pts = self._pts
-        self._pts += samples.shape[1]
-        for packet in self._stream.encode(frame):
+        for packet in self._stream.encode(self._frames(pcm)):
             self._container.mux(packet)
         return self._sink.take()
 
