@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -21,6 +22,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TESTS = Path(__file__).parent
 UPSTREAM = TESTS / "upstream.py"
+
+
+def require_engine(engine: str, model: str, *modules: str) -> None:
+    """Skip the test, saying what to install, unless the engine's modules and model are there."""
+    from llmux.engines import EngineError, resolve_model
+
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"engine {engine!r} needs {module}: pip install 'llmux[engines]'")
+    try:
+        resolve_model(engine, model)
+    except EngineError as e:
+        pytest.skip(str(e))
 
 
 def free_port() -> int:

@@ -8,7 +8,6 @@ check that the same answers come back through the relay, the scheduler and the d
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -19,9 +18,8 @@ import openai
 import pytest
 import yaml
 
-from llmux.engines import EngineError, resolve_model
 from tests.audio import SENTENCE, assert_heard, normalise, wav_params
-from tests.conftest import Server, StartServer
+from tests.conftest import Server, StartServer, require_engine
 
 pytestmark = [pytest.mark.engines, pytest.mark.slow]
 
@@ -41,12 +39,7 @@ _ENGINES = [
 @pytest.fixture(autouse=True, scope="module")
 def _engines_installed() -> None:
     for engine, model, module in _ENGINES:
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"engine {engine!r} needs {module}: pip install 'llmux[engines]'")
-        try:
-            resolve_model(engine, model)
-        except EngineError as e:
-            pytest.skip(str(e))
+        require_engine(engine, model, module)
 
 
 def speak(server: Server, text: str = SENTENCE, model: str = "joe") -> bytes:

@@ -36,7 +36,7 @@ from llmux.engines import (
     resolve_model,
 )
 from tests.audio import SENTENCE, assert_heard, wav_params
-from tests.conftest import free_port
+from tests.conftest import free_port, require_engine
 
 pytestmark = pytest.mark.engines
 
@@ -61,16 +61,6 @@ class Server:
 
     def log_tail(self) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
-
-
-def _require(engine: str, model: str, modules: list[str]) -> None:
-    for module in modules:
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"engine {engine!r} needs {module}: pip install 'llmux[engines]'")
-    try:
-        resolve_model(engine, model)
-    except EngineError as e:
-        pytest.skip(str(e))
 
 
 def _start(engine: str, model: str, args: dict[str, Any], log_dir: Path) -> Iterator[Server]:
@@ -114,20 +104,20 @@ def _start(engine: str, model: str, args: dict[str, Any], log_dir: Path) -> Iter
 
 @pytest.fixture(scope="module")
 def piper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    _require("piper", "en_US-joe-medium", ["piper"])
+    require_engine("piper", "en_US-joe-medium", "piper")
     yield from _start("piper", "en_US-joe-medium", {}, tmp_path_factory.mktemp("piper"))
 
 
 @pytest.fixture(scope="module")
 def whisper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    _require("faster-whisper", "whisper-tiny.en", ["faster_whisper"])
+    require_engine("faster-whisper", "whisper-tiny.en", "faster_whisper")
     args = {"device": "cpu", "compute_type": "int8", "threads": 2}
     yield from _start("faster-whisper", "whisper-tiny.en", args, tmp_path_factory.mktemp("asr"))
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    _require("llama-cpp", "smollm2-135m", ["llama_cpp", "sse_starlette", "starlette_context"])
+    require_engine("llama-cpp", "smollm2-135m", "llama_cpp", "sse_starlette", "starlette_context")
     args = {"n_ctx": 2048, "threads": 2, "model_alias": "smollm2"}
     yield from _start("llama-cpp", "smollm2-135m", args, tmp_path_factory.mktemp("llm"))
 

@@ -12,7 +12,6 @@ run with ``-s`` to see them. docs/engines.md records one run.
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import time
 from collections.abc import Callable
@@ -22,8 +21,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from llmux.engines import EngineError, resolve_model
-from tests.conftest import Server, StartServer
+from tests.conftest import Server, StartServer, require_engine
 
 pytestmark = [pytest.mark.engines, pytest.mark.slow]
 
@@ -140,12 +138,7 @@ def _admin(server: Server, action: str, model_id: str) -> None:
 @pytest.mark.parametrize("model_id", list(_ENGINES))
 def test_load_unload_cycles_free_everything(start_server: StartServer, model_id: str) -> None:
     engine, model, module = _ENGINES[model_id]
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"engine {engine!r} needs {module}: pip install 'llmux[engines]'")
-    try:
-        resolve_model(engine, model)
-    except EngineError as e:
-        pytest.skip(str(e))
+    require_engine(engine, model, module)
 
     server = start_server(None)  # the built-in default stack: the three engines
     server.wait_state("whisper", "ready", LOAD_TIMEOUT)  # pinned: settle the start first
