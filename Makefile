@@ -23,6 +23,7 @@ lint: install-dev
 	mypy
 
 test: lint
-	./scripts/ensure-chromium.sh
-	./scripts/ensure-wrk.sh
+	# fonts-liberation: readable text in the status page screenshots on a bare image
+	./scripts/ensure-tool.sh chromium "the status page test" chromium fonts-liberation
+	./scripts/ensure-tool.sh wrk "the overhead-bench smoke test" wrk
 	$(PYTHON) -m pytest

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        shutil.which("wrk") is None, reason="wrk is not installed (scripts/ensure-wrk.sh)"
+        shutil.which("wrk") is None, reason="wrk is not on PATH (make test installs it)"
     ),
 ]
 

@@ -3,7 +3,7 @@
 A real `llmux serve` runs real upstream children; the page is loaded in Chromium and watched
 through ``Runtime.evaluate``: every wait is a bounded poll of the DOM, never a fixed sleep.
 ``LLMUX_SCREENSHOT=1`` also writes the desktop screenshot to docs/status-page.png.
-Chromium comes from ``scripts/ensure-chromium.sh`` (the browser tests skip without it).
+Chromium comes from ``scripts/ensure-tool.sh`` (make test); the browser tests skip without it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not on PATH (scripts/ensure-chromium.sh installs it)"
+    CHROMIUM is None, reason="chromium is not on PATH (make test installs it)"
 )
 DOCS_SCREENSHOT = Path(__file__).parent.parent / "docs" / "status-page.png"
 DESKTOP = (1200, 900)
