@@ -475,6 +475,46 @@ general_settings:
     return path
 
 
+def launch_gateway(
+    tmp: Path,
+    name: str,
+    cmd: list[str],
+    port: int,
+    *,
+    tree: bool,
+    answer_within: float,
+    env: dict[str, str] | None = None,
+    then: Callable[[], None] | None = None,
+) -> tuple[Gateway, dict[str, Any]]:
+    """Spawn a gateway (log in ``tmp/<name>.log``), time it to its first answered
+    ``GET /v1/models`` and its first chat completion, then run ``then``. On any failure the
+    gateway is stopped and its log's tail printed."""
+    logf = open(tmp / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    gw = Gateway(name, proc, port, tree=tree)
+    try:
+        wait_answer(port, "/v1/models", t0 + answer_within, proc)
+        ready = time.monotonic() - t0
+        rss_ready = gw.rss()
+        chat(port, "bench")
+        first_chat = time.monotonic() - t0
+        if then is not None:
+            then()
+    except BaseException:
+        gw.stop()
+        log_tail(tmp / f"{name}.log")
+        raise
+    startup = {
+        "first_answer_s": ready,
+        "first_completion_s": first_chat,
+        "rss_ready_kib": rss_ready,
+    }
+    return gw, startup
+
+
 def start_llmux(
     tmp: Path, s: Settings, name: str = "llmux", src: str | None = None
 ) -> tuple[Gateway, dict[str, Any], dict[str, int]]:
@@ -499,33 +539,20 @@ def start_llmux(
         "--log-level",
         "warning",
     ]
-    logf = open(tmp / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
-    t0 = time.monotonic()
-    proc = subprocess.Popen(
-        cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-    gw = Gateway(name, proc, port, tree=False)
-    try:
-        wait_answer(port, "/v1/models", t0 + 60, proc)
-        ready = time.monotonic() - t0
-        rss_ready = gw.rss()
-        chat(port, "bench")  # spawns the fast child
-        first_chat = time.monotonic() - t0
+    children: dict[str, dict[str, int]] = {}
+
+    def spawn_children() -> None:  # the first chat spawned the fast one
         chat(port, "bench-slow")
-        fast = read_announce(tmp / f"{name}-fast.json")
-        slow = read_announce(tmp / f"{name}-slow.json")
-    except BaseException:
-        gw.stop()
-        log_tail(tmp / f"{name}.log")
-        raise
+        children["fast"] = read_announce(tmp / f"{name}-fast.json")
+        children["slow"] = read_announce(tmp / f"{name}-slow.json")
+
+    gw, startup = launch_gateway(
+        tmp, name, cmd, port, env=env, tree=False, answer_within=60, then=spawn_children
+    )
+    fast, slow = children["fast"], children["slow"]
     if s.client_core is not None:  # children inherit llmux's core: move them to the client's
         for child in (fast, slow):
             set_affinity(process_tree(child["pid"]), s.client_core)
-    startup = {
-        "first_answer_s": ready,
-        "first_completion_s": first_chat,
-        "rss_ready_kib": rss_ready,
-    }
     return gw, startup, {"fast": fast["port"], "slow": slow["port"]}
 
 
@@ -552,28 +579,7 @@ def start_litellm(tmp: Path, s: Settings, upstream_port: int) -> tuple[Gateway, 
         "--num_workers",
         "1",
     ]
-    logf = open(tmp / "litellm.log", "ab")  # noqa: SIM115 - lives as long as the process
-    t0 = time.monotonic()
-    proc = subprocess.Popen(
-        cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-    gw = Gateway("litellm", proc, port, tree=True)
-    try:
-        wait_answer(port, "/v1/models", t0 + 180, proc)
-        ready = time.monotonic() - t0
-        rss_ready = gw.rss()
-        chat(port, "bench")
-        first_chat = time.monotonic() - t0
-    except BaseException:
-        gw.stop()
-        log_tail(tmp / "litellm.log")
-        raise
-    startup = {
-        "first_answer_s": ready,
-        "first_completion_s": first_chat,
-        "rss_ready_kib": rss_ready,
-    }
-    return gw, startup
+    return launch_gateway(tmp, "litellm", cmd, port, env=env, tree=True, answer_within=180)
 
 
 def start_bare(tmp: Path, s: Settings, upstream_port: int) -> tuple[Gateway, dict[str, Any]]:
@@ -588,26 +594,7 @@ def start_bare(tmp: Path, s: Settings, upstream_port: int) -> tuple[Gateway, dic
         "--upstream",
         f"http://127.0.0.1:{upstream_port}",
     ]
-    logf = open(tmp / "bare.log", "ab")  # noqa: SIM115 - lives as long as the process
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-    gw = Gateway("bare", proc, port, tree=False)
-    try:
-        wait_answer(port, "/v1/models", t0 + 60, proc)
-        ready = time.monotonic() - t0
-        rss_ready = gw.rss()
-        chat(port, "bench")
-        first_chat = time.monotonic() - t0
-    except BaseException:
-        gw.stop()
-        log_tail(tmp / "bare.log")
-        raise
-    startup = {
-        "first_answer_s": ready,
-        "first_completion_s": first_chat,
-        "rss_ready_kib": rss_ready,
-    }
-    return gw, startup
+    return launch_gateway(tmp, "bare", cmd, port, tree=False, answer_within=60)
 
 
 def rotated(paths: list[str], r: int) -> list[str]:
