@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import datetime as dt
 import importlib.metadata
 import io
@@ -23,20 +22,20 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import wave
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from llmux.backends.process import free_port, parent_death_preexec
 from llmux.engines import PORT_PLACEHOLDER, engine_argv, engine_env, engine_health_path
 
 HOST = "127.0.0.1"
@@ -88,31 +87,6 @@ ENGINES = (LLM, ASR, TTS)
 # --------------------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _parent_death_preexec() -> Callable[[], None] | None:
-    """SIGKILL the child when this script dies, even by SIGKILL (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
-
-
 @dataclass
 class Proc:
     name: str
@@ -157,7 +131,7 @@ class Procs:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_parent_death_preexec(),
+                preexec_fn=parent_death_preexec(),
             )
         proc = Proc(name, popen, log_path)
         self.live.append(proc)

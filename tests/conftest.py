@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 from openai import OpenAI
+
+from llmux.backends.process import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -35,13 +36,6 @@ def require_engine(engine: str, model: str, *modules: str) -> None:
         resolve_model(engine, model)
     except EngineError as e:
         pytest.skip(str(e))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_until(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:

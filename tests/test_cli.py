@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from llmux.backends.process import free_port
 from llmux.cli import render_status
-from tests.conftest import Server, StartServer, free_port, wait_until
+from tests.conftest import Server, StartServer, wait_until
 from tests.test_api import two_llms
 
 CLI_TIMEOUT_S = 60

@@ -27,6 +27,7 @@ import openai
 import pytest
 from openai import OpenAI
 
+from llmux.backends.process import free_port
 from llmux.engines import (
     PORT_PLACEHOLDER,
     EngineError,
@@ -36,7 +37,7 @@ from llmux.engines import (
     resolve_model,
 )
 from tests.audio import SENTENCE, assert_heard, wav_params
-from tests.conftest import free_port, require_engine
+from tests.conftest import require_engine
 
 pytestmark = pytest.mark.engines
 

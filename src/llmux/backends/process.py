@@ -60,7 +60,8 @@ _MAX_LINE_BYTES = 16 * 1024
 """A longer run of output without a newline is cut into lines of this size."""
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (the kernel's pick)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -68,7 +69,7 @@ def _free_port(host: str) -> int:
         return port
 
 
-def _parent_death_preexec() -> Callable[[], None] | None:
+def parent_death_preexec() -> Callable[[], None] | None:
     """A ``preexec_fn`` that makes the kernel SIGKILL the child when llmux dies; None off Linux."""
     if not sys.platform.startswith("linux"):
         return None
@@ -278,7 +279,7 @@ class ProcessLauncher:
     async def launch(self, spec: LaunchSpec) -> ProcessChild:
         if not spec.argv:
             raise LaunchFailed(f"{spec.model_id}: empty command", [])
-        port = _free_port(self._host)
+        port = free_port(self._host)
         argv = [arg.replace("${PORT}", str(port)) for arg in spec.argv]
         env = {**os.environ, **spec.env} if spec.inherit_env else dict(spec.env)
         loop = asyncio.get_running_loop()
@@ -292,7 +293,7 @@ class ProcessLauncher:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_parent_death_preexec(),
+                preexec_fn=parent_death_preexec(),
             )
         except OSError as exc:
             reason = exc.strerror or str(exc)
