@@ -190,9 +190,7 @@ class SchedulerCore:
             or self.closing
         ):
             return None
-        m.in_flight += 1
-        m.last_used = self.wall()
-        self.leases[rid] = Held(rid, m.model_id, m.generation)
+        self._hold(rid, m)
         return m.generation
 
     def release_now(self, rid: int) -> bool:
@@ -202,13 +200,9 @@ class SchedulerCore:
         lease = self.leases.get(rid)
         if lease is None or self.waiters or self.pending or self.overcommit_gb > 0:
             return False
-        m = self.models[lease.model_id]
-        if m.state is not ModelState.READY or lease.generation != m.generation or self.closing:
+        if self.models[lease.model_id].state is not ModelState.READY or self.closing:
             return False
-        del self.leases[rid]
-        m.in_flight -= 1
-        if m.in_flight == 0:
-            self._became_idle(m)
+        self._release(rid)
         return True
 
     def _acquire(self, ev: Acquire) -> None:
@@ -250,12 +244,16 @@ class SchedulerCore:
 
     def _admit(self, rid: int, m: ModelRecord, kind: WaiterKind) -> None:
         if kind is WaiterKind.REQUEST:
-            m.in_flight += 1
-            m.last_used = self.wall()
-            self.leases[rid] = Held(rid, m.model_id, m.generation)
+            self._hold(rid, m)
             self.effects.grant(rid, m.model_id, m.generation)
         elif kind is WaiterKind.ADMIN_LOAD:
             self.effects.answer(rid)
+
+    def _hold(self, rid: int, m: ModelRecord) -> None:
+        """Count request ``rid`` in flight on ``m`` (its lease)."""
+        m.in_flight += 1
+        m.last_used = self.wall()
+        self.leases[rid] = Held(rid, m.model_id, m.generation)
 
     def _release(self, rid: int) -> None:
         lease = self.leases.pop(rid, None)
