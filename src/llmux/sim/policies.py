@@ -42,11 +42,13 @@ _EPS = 1e-9
 _RESIDENT = (ModelState.LOADING, ModelState.READY, ModelState.DRAINING, ModelState.UNLOADING)
 
 
-def llmux_policy(ctx: SimContext, effects: SimEffects, clock: Callable[[], float]) -> Policy:
+def llmux_policy(
+    ctx: SimContext, effects: SimEffects, clock: Callable[[], float], fallback: bool = True
+) -> Policy:
     """The real ``SchedulerCore`` (DESIGN.md §3, docs/scheduling.md), on the virtual clock."""
     sc = ctx.scenario
     return SchedulerCore(
-        sc.llmux_config(),
+        sc.llmux_config(fallback),
         sc.budget_gb,
         effects,
         clock,
@@ -60,15 +62,7 @@ def llmux_gpu_only_policy(
 ) -> Policy:
     """The real core with every ``cpu_fallback`` left out of its config: what llmux does when
     nothing may run on the CPU (the scenario's baselines have no such feature either)."""
-    sc = ctx.scenario
-    return SchedulerCore(
-        sc.llmux_config(fallback=False),
-        sc.budget_gb,
-        effects,
-        clock,
-        clock,
-        passover_bound=sc.llmux.passover_bound_s,
-    )
+    return llmux_policy(ctx, effects, clock, fallback=False)
 
 
 # ---------------------------------------------------------------------- baseline machinery
