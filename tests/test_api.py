@@ -229,6 +229,36 @@ models:
     assert server.log.read_text().count("loading model=m") == 1
 
 
+def test_headers_relayed_to_the_child(start_server: StartServer, tmp_path: Path) -> None:
+    """The child gets the client's own headers, never llmux's key or hop-by-hop headers, and
+    ``accept-encoding: identity`` when the client named no encoding (the bytes pass through
+    as they are, so the child must not compress what the client cannot read)."""
+    server = start_server(two_llms(tmp_path, api_keys="[k1]"))
+    url = server.url + "/v1/chat/completions"
+    body = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
+    auth = {"Authorization": "Bearer k1"}
+
+    def seen(headers: dict[str, str]) -> dict[str, str]:
+        resp = httpx.post(url, json=body, headers={**auth, **headers})
+        assert resp.status_code == 200, resp.text
+        last: dict[str, str] = httpx.get(server.upstream("a") + "/_stats").json()["last_headers"]
+        return last
+
+    got = seen({"User-Agent": "probe/1", "X-Trace": "t-1", "Accept-Encoding": "gzip"})
+    assert got["user-agent"] == "probe/1"
+    assert got["x-trace"] == "t-1"
+    assert got["accept-encoding"] == "gzip"  # the client's own choice passes through
+    assert "authorization" not in got
+    assert got["host"] != server.url.split("//")[1]  # the child's own address
+
+    bare = httpx.Request("POST", url, json=body, headers=auth)  # no client defaults added
+    assert "accept-encoding" not in bare.headers
+    with httpx.Client() as http:
+        assert http.send(bare).status_code == 200
+    got = httpx.get(server.upstream("a") + "/_stats").json()["last_headers"]
+    assert got["accept-encoding"] == "identity"
+
+
 def test_failed_load_then_retry(start_server: StartServer, tmp_path: Path) -> None:
     cfg = f"""
 models:

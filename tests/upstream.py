@@ -12,8 +12,9 @@ message (or the prompt) can ask for special behaviour:
   ``POST /_release`` or until the client disconnects (counted as ``cancelled``); once released
   it finishes normally.
 
-Test hooks: ``GET /_stats`` (counters, pid, name, grandchild_pid), ``GET /_wait?held=N&cancelled=N``
-(long-poll until the counters reach at least these; 408 after 30 s), ``POST /_release``.
+Test hooks: ``GET /_stats`` (counters, pid, name, grandchild_pid, last_headers),
+``GET /_wait?held=N&cancelled=N`` (long-poll until the counters reach at least these; 408 after
+30 s), ``POST /_release``.
 
 At start it prints ``upstream NAME pid PID port PORT`` to stdout.
 """
@@ -61,6 +62,8 @@ class State:
     held: int = 0
     cancelled: int = 0
     grandchild_pid: int | None = None
+    last_headers: dict[str, str] = field(default_factory=dict)
+    """The headers of the last chat or completion request, as this server got them."""
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -76,6 +79,7 @@ class State:
             "cancelled": self.cancelled,
             "pid": os.getpid(),
             "name": self.name,
+            "last_headers": self.last_headers,
         }
         if self.grandchild_pid is not None:
             out["grandchild_pid"] = self.grandchild_pid
@@ -174,6 +178,7 @@ def make_app(state: State) -> Starlette:
         return JSONResponse({"status": "loading"}, status_code=503)
 
     async def generate(request: Request, kind: str) -> Response:
+        state.last_headers = dict(request.headers)
         await state.bump("requests")
         body = await request.json()
         model = str(body.get("model", ""))

@@ -64,6 +64,7 @@ def serve(options: ServeOptions) -> int:
         loop="uvloop",
         http="httptools",
         lifespan="on",
+        interface="asgi3",  # LlmuxApp.__call__ returns a coroutine; it is not one itself
         access_log=False,
         proxy_headers=False,  # llmux reads no client address; skip uvicorn's per-request wrapper
         server_header=False,

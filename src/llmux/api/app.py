@@ -7,7 +7,7 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -73,7 +73,6 @@ class LlmuxApp:
             connector=aiohttp.TCPConnector(limit=0, force_close=False),
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
             # Children's cookies are not kept: one client's Set-Cookie must never ride along
             # with another client's request (and an empty jar is cheaper per request).
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -149,17 +148,17 @@ class LlmuxApp:
         async for _ in awatch(path, debounce=200, step=50):
             self.reload()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # A plain function that hands back the handler's coroutine: one coroutine layer less
+        # on every resumption of every request (run it with uvicorn's interface="asgi3").
         kind = scope["type"]
         if kind == "http" and scope["path"] in RELAY_PATHS:
             if scope["method"] == "POST":
-                await self.relay(scope, receive, send)
-            else:
-                await send_error(send, MethodNotAllowed(f"use POST for {scope['path']}"))
-        elif kind == "lifespan":
-            await self._lifespan(receive, send)
-        else:
-            await self.control(scope, receive, send)
+                return self.relay(scope, receive, send)
+            return send_error(send, MethodNotAllowed(f"use POST for {scope['path']}"))
+        if kind == "lifespan":
+            return self._lifespan(receive, send)
+        return self.control(scope, receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

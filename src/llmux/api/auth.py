@@ -18,21 +18,23 @@ class Access(enum.Enum):
     """load, unload, logs: an admin key when admin keys are set, else as READ."""
 
 
-def _matches(key: str, keys: list[str]) -> bool:
+def _matches(key: bytes, keys: list[bytes]) -> bool:
     # Compare against every key so the time does not depend on which one matched.
     found = False
     for k in keys:
-        found |= hmac.compare_digest(key.encode(), k.encode())
+        found |= hmac.compare_digest(key, k)
     return found
 
 
-def bearer(authorization: str | None) -> str | None:
+def bearer(authorization: str | None) -> bytes | None:
+    """The token of ``Bearer <token>``, as bytes for the comparison, or None."""
     if not authorization:
         return None
     scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         return None
-    return token.strip()
+    return token.encode()
 
 
 class Authenticator:
@@ -41,8 +43,8 @@ class Authenticator:
 
     def update(self, server: ServerConfig) -> None:
         """Take the keys of a (re)loaded config."""
-        self.api_keys = list(server.api_keys)
-        self.admin_keys = list(server.admin_keys)
+        self.api_keys = [k.encode() for k in server.api_keys]
+        self.admin_keys = [k.encode() for k in server.admin_keys]
 
     def check(self, access: Access, authorization: str | None) -> None:
         """Raise AuthenticationFailed (401) or PermissionDenied (403), or return."""

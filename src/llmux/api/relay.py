@@ -135,6 +135,8 @@ def _multipart_model(body: bytes, content_type: str) -> str | None:
     return found
 
 
+_IDENTITY = ("accept-encoding", "identity")
+
 WHOLE_BODY_MAX = 256 * 1024
 """A non-SSE answer with a Content-Length up to this is read whole and sent in one message;
 longer ones (and SSE, and answers without a length) are passed on chunk by chunk."""
@@ -173,6 +175,7 @@ class Relay:
         # One pass over the request headers: what llmux reads, and what goes on to the child.
         authorization = length = content_type = None
         forward: list[tuple[str, str]] = []
+        encoding = False
         for k, v in scope["headers"]:
             if k == b"authorization":
                 authorization = bytes(v).decode("latin-1")
@@ -180,8 +183,15 @@ class Relay:
                 length = bytes(v).decode("latin-1")
             elif k == b"content-type":
                 content_type = bytes(v).decode("latin-1")
+            elif k == b"accept-encoding":
+                encoding = True
             if k not in _DROP_REQUEST:
                 forward.append((k.decode("latin-1"), v.decode("latin-1")))
+        if not encoding:
+            # The child must not compress what the client did not ask compressed (the bytes
+            # pass through as they are). Sending this, rather than telling aiohttp to skip its
+            # default, keeps aiohttp on its cheaper per-request path.
+            forward.append(_IDENTITY)
         try:
             self.auth.check(Access.READ, authorization)
             body = await self._read_body(length, receive)
@@ -213,8 +223,22 @@ class Relay:
             watch.add_done_callback(on_disconnect)
 
         timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, arm)
+        out = _Status()
+        started = time.monotonic()
+        queued: float | None = None
         try:
-            await self._serve(scope, send, model_id, body, stream, forward)
+            # A ready model: the lease at once, no event, no wait (the common case).
+            lease = self.scheduler.try_acquire(model_id)
+            early = False
+            if lease is None:
+                lease, early = await self._acquire(send, model_id, stream, out)
+            queued = time.monotonic() - started
+            try:
+                await self._forward(scope, send, lease, body, forward, early, out)
+            finally:
+                self.scheduler.release(lease)
+        except _Answered:
+            pass
         except asyncio.CancelledError:
             if not gone:
                 raise  # server shutdown: not ours to swallow
@@ -224,6 +248,7 @@ class Relay:
             if watch is not None:
                 watch.remove_done_callback(on_disconnect)
                 watch.cancel()
+            self.observer.request_done(model_id, scope["path"], out.status or 499, queued)
 
     async def _read_body(self, length: str | None, receive: Receive) -> bytes | None:
         if length is not None and length.isdigit() and int(length) > self.max_body:
@@ -264,34 +289,11 @@ class Relay:
             body = orjson.dumps(data)
         return model_id, body, data.get("stream") is True
 
-    async def _serve(
-        self,
-        scope: Scope,
-        send: Send,
-        model_id: str,
-        body: bytes,
-        stream: bool,
-        headers: list[tuple[str, str]],
-    ) -> None:
-        out = _Status()
-        started = time.monotonic()
-        queued: float | None = None
-        try:
-            lease, early = await self._acquire(send, model_id, stream, out)
-            queued = time.monotonic() - started
-            try:
-                await self._forward(scope, send, lease, body, headers, early, out)
-            finally:
-                self.scheduler.release(lease)
-        except _Answered:
-            pass
-        finally:
-            self.observer.request_done(model_id, scope["path"], out.status or 499, queued)
-
     async def _acquire(
         self, send: Send, model_id: str, stream: bool, out: _Status
     ) -> tuple[Lease, bool]:
-        """The lease, and whether SSE headers already went out (loading feedback).
+        """The lease when the model is not ready yet, and whether SSE headers already went
+        out (loading feedback).
 
         A streaming request that waits longer than LOADING_COMMENT_EVERY_S gets its 200 and SSE
         headers early, then a comment line every LOADING_COMMENT_EVERY_S, so clients and proxies
@@ -299,14 +301,11 @@ class Relay:
         """
         if not stream:
             try:
-                return await self.scheduler.acquire(model_id), False  # ready: no wait at all
+                return await self.scheduler.acquire(model_id), False
             except LlmuxError as exc:
                 out.status = exc.status
                 await send_error(send, exc)
                 raise _Answered from None
-        lease = self.scheduler.try_acquire(model_id)
-        if lease is not None:
-            return lease, False  # ready: no task, no wait, no loading comments
         task = asyncio.ensure_future(self.scheduler.acquire(model_id))
         early = False
         try:
