@@ -25,5 +25,6 @@ lint: install-dev
 test: lint
 	# fonts-liberation: readable text in the status page screenshots on a bare image
 	./scripts/ensure-tool.sh chromium "the status page test" chromium fonts-liberation
-	./scripts/ensure-tool.sh wrk "the overhead-bench smoke test" wrk
+	./scripts/ensure-tool.sh wrk "the overhead-bench smoke tests" wrk
+	./scripts/ensure-tool.sh valgrind "the instr_ab.py smoke test" valgrind
 	$(PYTHON) -m pytest

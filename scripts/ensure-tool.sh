@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Make sure a command that some tests need is on PATH, from Debian packages:
 #   scripts/ensure-tool.sh COMMAND "WHAT NEEDS IT" PACKAGE...
-# `make test` uses it for `chromium` (the status page test, tests/test_page.py) and `wrk` (the
-# overhead-bench smoke test, tests/test_bench_overhead.py). Idempotent: does nothing when COMMAND
-# is already there. Installing needs root (CI runs as root; elsewhere run it with sudo or install
-# the packages yourself: those tests skip with a reason when the command is absent).
+# `make test` uses it for `chromium` (the status page test, tests/test_page.py), and for `wrk`
+# and `valgrind` (the overhead-bench smoke tests, tests/test_bench_overhead.py). Idempotent:
+# does nothing when COMMAND is already there. Installing needs root (CI runs as root; elsewhere
+# run it with sudo or install the packages yourself: those tests skip with a reason when the
+# command is absent).
 set -euo pipefail
 
 command_name=$1

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import socket
 import threading
 import wave
 from pathlib import Path
@@ -321,6 +323,44 @@ def test_client_disconnect_cancels_upstream(start_server: StartServer, tmp_path:
     stats = server.upstream_wait("a", cancelled=1)
     assert stats["cancelled"] == 1
     wait_until(lambda: server.model("a")["in_flight"] == 0, 10, "lease released")
+
+
+def test_disconnects_cancel_only_their_own_requests(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """Three non-streaming requests wait in the child; two clients hang up. Their upstream
+    requests are cancelled and their leases released; the third is answered once released."""
+    server = start_server(two_llms(tmp_path))
+    assert chat(server.client(), "a") == "a got a"  # loaded: the holds below reach the child
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "a", "messages": [{"role": "user", "content": "hold"}]})
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+    clients = [socket.create_connection((host, int(port)), timeout=30) for _ in range(3)]
+    try:
+        for sock in clients:
+            sock.sendall(request)
+        server.upstream_wait("a", held=3)
+        assert server.model("a")["in_flight"] == 3
+        for sock in clients[:2]:
+            sock.close()
+        stats = server.upstream_wait("a", cancelled=2)
+        assert stats["cancelled"] == 2
+        wait_until(lambda: server.model("a")["in_flight"] == 1, 10, "two leases released")
+        server.upstream_release("a")
+        answer = b""
+        while b"a got a" not in answer:
+            data = clients[2].recv(65536)
+            assert data, f"connection closed early: {answer!r}"
+            answer += data
+        assert answer.startswith(b"HTTP/1.1 200 ")
+    finally:
+        for sock in clients:
+            sock.close()
+    wait_until(lambda: server.model("a")["in_flight"] == 0, 10, "last lease released")
+    assert httpx.get(server.upstream("a") + "/_stats").json()["cancelled"] == 2
 
 
 def test_ttl_unloads_idle_model(start_server: StartServer, tmp_path: Path) -> None:

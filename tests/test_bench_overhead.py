@@ -94,3 +94,48 @@ def test_cpu_ab_compares_two_builds(tmp_path: Path) -> None:
         assert medians[key] > 0, key
     assert len(result["samples"][src]["rps_c1"]) == 2
     assert "wrote" in proc.stdout
+
+
+def test_floor_measures_the_http_stack_alone(tmp_path: Path) -> None:
+    proc = _run(
+        "bench/overhead/floor.py", "--rounds", "1", "--seconds", "1", "--out", str(tmp_path)
+    )
+    [json_path] = tmp_path.glob("floor-*.json")
+    [md_path] = tmp_path.glob("floor-*.md")
+    result = json.loads(json_path.read_text())
+    [one] = result["per_round"]
+    for key in ("direct_rps", "budget_us", "server_us", "client_us", "floor_us"):
+        assert one[key] > 0, key
+        assert result["medians"][key] == one[key]
+    assert one["floor_us"] == one["server_us"] + one["client_us"]
+    assert one["budget_us"] == 1e6 / (0.28 * one["direct_rps"])
+    text = md_path.read_text()
+    assert "| aiohttp client alone, CPU µs/request |" in text
+    assert "The floor is" in text
+    assert "wrote" in proc.stdout
+
+
+@pytest.mark.skipif(
+    shutil.which("callgrind_control") is None,
+    reason="valgrind is not on PATH (make test installs it)",
+)
+def test_instr_ab_counts_instructions_per_request(tmp_path: Path) -> None:
+    src = str(ROOT / "src")
+    proc = _run(
+        "bench/overhead/instr_ab.py",
+        "--seconds",
+        "1",
+        "--conc",
+        "16",
+        "--out",
+        str(tmp_path),
+        "--tag",
+        "smoke",
+        src,
+    )
+    [json_path] = tmp_path.glob("instr-*-smoke.json")
+    result = json.loads(json_path.read_text())
+    got = result["results"][src]
+    assert got["c16_requests"] > 0
+    assert 10_000 < got["c16"] < 100_000_000  # instructions per request: some, not absurd
+    assert "| instructions/request, c=16 |" in proc.stdout.replace(" src |", "")

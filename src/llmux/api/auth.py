@@ -45,10 +45,25 @@ class Authenticator:
         """Take the keys of a (re)loaded config."""
         self.api_keys = [k.encode() for k in server.api_keys]
         self.admin_keys = [k.encode() for k in server.admin_keys]
+        self._any_keys = self.api_keys + self.admin_keys
+
+    def check_read(self, authorization: str | None) -> None:
+        """``check(Access.READ, ...)``, for the hot path: READ is open when no api key is set;
+        else any api or admin key will do. Raise AuthenticationFailed (401) or return."""
+        if not self.api_keys:
+            return
+        key = bearer(authorization)
+        if key is None:
+            raise AuthenticationFailed("an API key is required (Authorization: Bearer)")
+        if not _matches(key, self._any_keys):
+            raise AuthenticationFailed("invalid API key")
 
     def check(self, access: Access, authorization: str | None) -> None:
         """Raise AuthenticationFailed (401) or PermissionDenied (403), or return."""
         if access is Access.OPEN:
+            return
+        if access is Access.READ:
+            self.check_read(authorization)
             return
         key = bearer(authorization)
         if access is Access.ADMIN and self.admin_keys:
@@ -59,12 +74,10 @@ class Authenticator:
             if _matches(key, self.api_keys):
                 raise PermissionDenied("this key may not load, unload or read logs")
             raise AuthenticationFailed("invalid API key")
-        if not self.api_keys and not self.admin_keys:
-            return
-        if access is Access.READ and not self.api_keys:
+        if not self._any_keys:
             return
         if key is None:
             raise AuthenticationFailed("an API key is required (Authorization: Bearer)")
-        if _matches(key, self.api_keys) | _matches(key, self.admin_keys):
+        if _matches(key, self._any_keys):
             return
         raise AuthenticationFailed("invalid API key")

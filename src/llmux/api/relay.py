@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from llmux.api.auth import Access, Authenticator
+from llmux.api.auth import Authenticator
 from llmux.errors import BodyTooLarge, InvalidRequest, LlmuxError, UpstreamError
 from llmux.observe import Observer
 from llmux.scheduling.runtime import Lease, Scheduler
@@ -170,6 +170,10 @@ class Relay:
         self.observer = observer
         self.max_body = max_body
         self._session = session
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._young: dict[_Watch, None] = {}
+        """Requests in flight whose watcher is not armed yet, oldest first."""
+        self._sweep_at: asyncio.TimerHandle | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # One pass over the request headers: what llmux reads, and what goes on to the child.
@@ -193,7 +197,7 @@ class Relay:
             # default, keeps aiohttp on its cheaper per-request path.
             forward.append(_IDENTITY)
         try:
-            self.auth.check(Access.READ, authorization)
+            self.auth.check_read(authorization)
             body = await self._read_body(length, receive)
             if body is None:
                 return  # the client went away before sending its whole body
@@ -203,26 +207,21 @@ class Relay:
             await send_error(send, exc)
             return
         # From here the client may go away at any time. The work runs in this task. A request
-        # that is still running after WATCH_AFTER_S gets a watcher task that cancels it when the
-        # client disconnects; most requests to a ready model finish before that, so they never
-        # pay for a second task.
-        handler = asyncio.current_task()
+        # still running after WATCH_AFTER_S gets a watcher task that cancels it when the client
+        # disconnects (see _sweep); most requests to a ready model finish before that, so they
+        # never pay for a second task, nor for a timer of their own.
+        # The loop is looked up once: on Python 3.11 every asyncio.get_running_loop() (and a
+        # current_task() without a loop) makes a getpid() system call.
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        handler = asyncio.current_task(loop)
         assert handler is not None
-        gone = False
-        watch: asyncio.Task[None] | None = None
-
-        def on_disconnect(task: asyncio.Task[None]) -> None:
-            nonlocal gone
-            if not task.cancelled() and task.exception() is None:
-                gone = True
-                handler.cancel()
-
-        def arm() -> None:
-            nonlocal watch
-            watch = asyncio.ensure_future(_wait_disconnect(receive))
-            watch.add_done_callback(on_disconnect)
-
-        timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, arm)
+        watch = _Watch(handler, receive, loop.time())
+        young = self._young
+        young[watch] = None
+        if self._sweep_at is None:
+            self._sweep_at = loop.call_later(WATCH_AFTER_S, self._sweep)
         out = _Status()
         started = time.monotonic()
         queued: float | None = None
@@ -240,15 +239,31 @@ class Relay:
         except _Answered:
             pass
         except asyncio.CancelledError:
-            if not gone:
+            if not watch.gone:
                 raise  # server shutdown: not ours to swallow
             handler.uncancel()
         finally:
-            timer.cancel()
-            if watch is not None:
-                watch.remove_done_callback(on_disconnect)
-                watch.cancel()
+            if watch in young:
+                del young[watch]
+            else:  # armed: stop its watcher
+                watch.disarm()
             self.observer.request_done(model_id, scope["path"], out.status or 499, queued)
+
+    def _sweep(self) -> None:
+        """Arm the watchers of the requests that have run for WATCH_AFTER_S, then come back
+        when the next one will have. One timer for all requests; none while nothing runs."""
+        self._sweep_at = None
+        loop = self._loop
+        assert loop is not None
+        young = self._young
+        armed_before = loop.time() - WATCH_AFTER_S
+        while young:
+            oldest = next(iter(young))
+            if oldest.since > armed_before:
+                self._sweep_at = loop.call_at(oldest.since + WATCH_AFTER_S, self._sweep)
+                return
+            del young[oldest]
+            oldest.arm()
 
     async def _read_body(self, length: str | None, receive: Receive) -> bytes | None:
         if length is not None and length.isdigit() and int(length) > self.max_body:
@@ -363,9 +378,9 @@ class Relay:
                     return
                 if not headers_sent:
                     out_headers = [
-                        (k.lower().encode("latin-1"), v.encode("latin-1"))
+                        (name.encode("latin-1"), v.encode("latin-1"))
                         for k, v in resp.headers.items()
-                        if k.lower() not in _DROP_RESPONSE
+                        if (name := k.lower()) not in _DROP_RESPONSE
                     ]
                     sse = resp.headers.get("content-type", "").startswith("text/event-stream")
                     out.status = resp.status
@@ -399,6 +414,35 @@ class Relay:
             else:
                 # Headers are out and the body is not SSE: all we can do is cut the response.
                 raise
+
+
+class _Watch:
+    """One request in flight, for the disconnect watch: its task, its ``receive``, when it
+    started (loop time), and once armed the watcher task."""
+
+    __slots__ = ("gone", "handler", "receive", "since", "task")
+
+    def __init__(self, handler: asyncio.Task[Any], receive: Receive, since: float) -> None:
+        self.handler = handler
+        self.receive = receive
+        self.since = since
+        self.task: asyncio.Task[None] | None = None
+        self.gone = False
+        """The client went away: the handler was cancelled for that (not for a shutdown)."""
+
+    def arm(self) -> None:
+        self.task = asyncio.ensure_future(_wait_disconnect(self.receive))
+        self.task.add_done_callback(self.on_disconnect)
+
+    def on_disconnect(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self.gone = True
+            self.handler.cancel()
+
+    def disarm(self) -> None:
+        if self.task is not None:
+            self.task.remove_done_callback(self.on_disconnect)
+            self.task.cancel()
 
 
 class _Status:
