@@ -576,7 +576,9 @@ def start_litellm(tmp: Path, s: Settings, upstream_port: int) -> tuple[Gateway, 
     return launch_gateway(tmp, "litellm", cmd, port, env=env, tree=True, answer_within=180)
 
 
-def start_bare(tmp: Path, s: Settings, upstream_port: int) -> tuple[Gateway, dict[str, Any]]:
+def start_bare(
+    tmp: Path, s: Settings, upstream_port: int, name: str = "bare"
+) -> tuple[Gateway, dict[str, Any]]:
     """The reference relay of DESIGN §6 (bare_relay.py), pinned like a gateway."""
     port = free_port()
     cmd = [
@@ -588,7 +590,7 @@ def start_bare(tmp: Path, s: Settings, upstream_port: int) -> tuple[Gateway, dic
         "--upstream",
         f"http://127.0.0.1:{upstream_port}",
     ]
-    return launch_gateway(tmp, "bare", cmd, port, tree=False, answer_within=60)
+    return launch_gateway(tmp, name, cmd, port, tree=False, answer_within=60)
 
 
 def rotated(paths: list[str], r: int) -> list[str]:
@@ -599,6 +601,7 @@ def rotated(paths: list[str], r: int) -> list[str]:
 def one_repeat(r: int, tmp: Path, s: Settings) -> dict[str, Any]:
     rep: dict[str, Any] = {"repeat": r, "loadavg": {"start": loadavg()}, "startup": {}}
     gateways: list[Gateway] = []
+    helpers: list[Gateway] = []  # stopped at the end, but not sampled for RSS
     try:
         llmux, rep["startup"]["llmux"], upstream = start_llmux(tmp, s, "llmux", s.llmux_src)
         gateways.append(llmux)
@@ -612,6 +615,10 @@ def one_repeat(r: int, tmp: Path, s: Settings) -> dict[str, Any]:
             bare, rep["startup"]["bare"] = start_bare(tmp, s, upstream["fast"])
             gateways.append(bare)
             base["bare"] = bare.port
+            # The bare relay has one upstream: a second one relays to the 20 ms upstream.
+            bare_slow, _ = start_bare(tmp, s, upstream["slow"], name="bare-slow")
+            helpers.append(bare_slow)
+            slow["bare"] = bare_slow.port
         if s.litellm:
             litellm, rep["startup"]["litellm"] = start_litellm(tmp, s, upstream["fast"])
             gateways.append(litellm)
@@ -682,7 +689,7 @@ def one_repeat(r: int, tmp: Path, s: Settings) -> dict[str, Any]:
         rep["loadavg"]["end"] = loadavg()
         rep["rss_after_kib"] = {g.name: g.rss() for g in gateways}
     finally:
-        for g in reversed(gateways):
+        for g in reversed(gateways + helpers):
             g.stop()
     return rep
 
@@ -702,6 +709,7 @@ RATIO_PAIRS = [
     ("llmux-alt", "direct"),
     ("llmux-alt", "llmux"),
     ("llmux", "bare"),
+    ("bare", "direct"),  # the floor of a uvicorn + aiohttp relay, in the same window
 ]
 ONECORE_ONLY = {"direct-1core"}
 """Ratios against these are given only for the one-core c=1 block (the layouts differ)."""
@@ -892,9 +900,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {g['goal']} | {fmt(g['value'], 3)} | {verdict} |")
     lines += ["", "## Per repeat", ""]
     names = " / ".join(LABELS[p] for p in paths)
+    slow_paths = [p for p in paths if any(p in rep["slow_c16"] for rep in result["repeats"])]
     lines += [
         f"| repeat | order | load avg start/end | req/s c=1 ({names}) | req/s c=16 ({names})"
-        f" | streams/s ({names}) | slow req/s (direct / llmux...) |",
+        f" | streams/s ({names}) | slow req/s ({' / '.join(LABELS[p] for p in slow_paths)}) |",
         "|---|---|---|---|---|---|---|",
     ]
     for rep in result["repeats"]:
