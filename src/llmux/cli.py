@@ -398,30 +398,6 @@ def _unload(args: argparse.Namespace) -> int:
 
 
 def _follow(args: argparse.Namespace) -> int:
-    """``logs -f``: print the lines as they come until Ctrl-C (exit 0) or the stream ends.
-
-    A daemon thread reads the stream; the main thread only waits for it, so Ctrl-C never lands
-    inside httpx. (An interrupt in the middle of httpx's connection handling can leave one of
-    its locks held, and the close that follows then waits for ever: CI saw this command hang
-    once after Ctrl-C.)"""
-    import threading
-
-    outcome: list[BaseException | None] = []
-    reader = threading.Thread(
-        target=_read_follow, args=(args, outcome), name="llmux-logs-follow", daemon=True
-    )
-    reader.start()
-    try:
-        while reader.is_alive():
-            reader.join(0.2)
-    except KeyboardInterrupt:
-        return 0
-    if outcome and outcome[0] is not None:
-        raise outcome[0]  # an error answer or a lost connection: exits as the other commands do
-    return 0
-
-
-def _read_follow(args: argparse.Namespace, outcome: list[BaseException | None]) -> None:
     import httpx
 
     url = _base_url(args)
@@ -429,26 +405,24 @@ def _read_follow(args: argparse.Namespace, outcome: list[BaseException | None]) 
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     path = _model_path(args.id, "logs")
     try:
-        try:
-            with httpx.stream(
-                "GET",
-                url + path,
-                params={"follow": "true"},
-                headers=headers,
-                timeout=_timeout(None),
-            ) as resp:
-                if resp.status_code >= 400:
-                    resp.read()
-                    _check(args, resp)
-                for chunk in resp.iter_text():
-                    sys.stdout.write(chunk)
-                    sys.stdout.flush()
-        except (httpx.TransportError, httpx.InvalidURL) as exc:
-            _transport_failure(url, exc)
-    except BaseException as exc:  # SystemExit from _fail, BrokenPipeError, ...: for the caller
-        outcome.append(exc)
-    else:
-        outcome.append(None)
+        with httpx.stream(
+            "GET",
+            url + path,
+            params={"follow": "true"},
+            headers=headers,
+            timeout=_timeout(None),
+        ) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                _check(args, resp)
+            for chunk in resp.iter_text():
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        return 0
+    except (httpx.TransportError, httpx.InvalidURL) as exc:
+        _transport_failure(url, exc)
+    return 0
 
 
 @_client
