@@ -103,6 +103,10 @@ def test_status_load_unload_logs(start_server: StartServer, tmp_path: Path) -> N
         assert missing.stdout == ""
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_logs_follow_until_ctrl_c(start_server: StartServer, tmp_path: Path) -> None:
     server = start_server(two_llms(tmp_path))
@@ -114,6 +118,10 @@ def test_logs_follow_until_ctrl_c(start_server: StartServer, tmp_path: Path) -> 
             stdout=stdout,
             stderr=stderr,
             env=clean_env(),
+            # Ctrl-C as a terminal delivers it. A test run started in the background of a
+            # non-interactive shell inherits SIGINT ignored, and Python then installs no
+            # KeyboardInterrupt handler: the command would (rightly) sit through the signal.
+            preexec_fn=_sigint_default,
         )
     try:
         wait_until(lambda: "upstream a pid" in out.read_text(), 30, "the first followed line")
