@@ -77,6 +77,7 @@ class LlmuxApp:
             # with another client's request (and an empty jar is cheaper per request).
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+        self.relay.start(asyncio.get_running_loop())
         await self.scheduler.start()
         if self.config_source is not None:
             loop = asyncio.get_running_loop()
@@ -103,6 +104,7 @@ class LlmuxApp:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.scheduler.shutdown(self.config.server.shutdown_grace)
+        self.relay.stop()
         if self._session is not None:
             await self._session.close()
             self._session = None

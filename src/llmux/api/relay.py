@@ -175,6 +175,16 @@ class Relay:
         """Requests in flight whose watcher is not armed yet, oldest first."""
         self._sweep_at: asyncio.TimerHandle | None = None
 
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Bind to the loop the app runs on (with its aiohttp session, at start-up)."""
+        self._loop = loop
+
+    def stop(self) -> None:
+        """At shutdown: no sweep left scheduled on the loop."""
+        if self._sweep_at is not None:
+            self._sweep_at.cancel()
+            self._sweep_at = None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # One pass over the request headers: what llmux reads, and what goes on to the child.
         authorization = length = content_type = None
@@ -210,10 +220,11 @@ class Relay:
         # still running after WATCH_AFTER_S gets a watcher task that cancels it when the client
         # disconnects (see _sweep); most requests to a ready model finish before that, so they
         # never pay for a second task, nor for a timer of their own.
-        # The loop is looked up once: on Python 3.11 every asyncio.get_running_loop() (and a
-        # current_task() without a loop) makes a getpid() system call.
+        # The loop is bound at start-up (start()), not looked up here: on Python 3.11 every
+        # asyncio.get_running_loop() (and a current_task() without a loop) makes a getpid()
+        # system call.
         loop = self._loop
-        if loop is None:
+        if loop is None:  # used without the app's start-up (which also makes the session)
             loop = self._loop = asyncio.get_running_loop()
         handler = asyncio.current_task(loop)
         assert handler is not None
