@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import statistics
 import sys
@@ -93,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples": samples,
         "medians": medians,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"overhead-{stamp}-{args.tag}.json"
-    path.write_text(json.dumps(result, indent=1))
+    path = bench.write_result(args.out, f"overhead-{stamp}-{args.tag}.json", result)
     print(f"wrote {path}")
     return 0
 

@@ -217,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "per_round": rounds,
         "medians": medians,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"floor-{stamp}.json").write_text(json.dumps(result, indent=1))
+    bench.write_result(args.out, f"floor-{stamp}.json", result)
     text = markdown(result)
     (args.out / f"floor-{stamp}.md").write_text(text)
     print(text)

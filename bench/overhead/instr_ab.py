@@ -73,16 +73,7 @@ def measure(src: str, concs: list[int], seconds: float) -> dict[str, float]:
             "--tool=callgrind",
             "--instr-atstart=no",
             f"--callgrind-out-file={out}",
-            sys.executable,
-            "-m",
-            "llmux",
-            "serve",
-            "--config",
-            str(cfg),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
+            *bench.llmux_serve_argv(cfg, port),
         ]
         log = open(tmp / "llmux.log", "wb")  # noqa: SIM115 - lives as long as the process
         proc = subprocess.Popen(
@@ -165,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "table": lines,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"instr-{stamp}-{args.tag}.json"
-    path.write_text(json.dumps(result, indent=1))
+    path = bench.write_result(args.out, f"instr-{stamp}-{args.tag}.json", result)
     print(f"wrote {path}")
     return 0
 

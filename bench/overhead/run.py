@@ -509,19 +509,9 @@ def launch_gateway(
     return gw, startup
 
 
-def start_llmux(
-    tmp: Path, s: Settings, name: str = "llmux", src: str | None = None
-) -> tuple[Gateway, dict[str, Any], dict[str, int]]:
-    """Start ``llmux serve`` (from ``src`` if given), time it, and spawn both children."""
-    for kind in ("fast", "slow"):
-        (tmp / f"{name}-{kind}.json").unlink(missing_ok=True)
-    port = free_port()
-    cfg = llmux_config(tmp, s, name)
-    env = dict(os.environ)
-    if src:
-        env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [
-        *pin(s.gateway_core),
+def llmux_serve_argv(cfg: Path, port: int) -> list[str]:
+    """``llmux serve`` on the bench config, quiet (warnings only)."""
+    return [
         sys.executable,
         "-m",
         "llmux",
@@ -533,6 +523,28 @@ def start_llmux(
         "--log-level",
         "warning",
     ]
+
+
+def write_result(out_dir: Path, name: str, result: dict[str, Any]) -> Path:
+    """``result`` as indented JSON in ``out_dir/name`` (the folder made if need be)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
+
+
+def start_llmux(
+    tmp: Path, s: Settings, name: str = "llmux", src: str | None = None
+) -> tuple[Gateway, dict[str, Any], dict[str, int]]:
+    """Start ``llmux serve`` (from ``src`` if given), time it, and spawn both children."""
+    for kind in ("fast", "slow"):
+        (tmp / f"{name}-{kind}.json").unlink(missing_ok=True)
+    port = free_port()
+    cfg = llmux_config(tmp, s, name)
+    env = dict(os.environ)
+    if src:
+        env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [*pin(s.gateway_core), *llmux_serve_argv(cfg, port)]
     children: dict[str, dict[str, int]] = {}
 
     def spawn_children() -> None:  # the first chat spawned the fast one
