@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -171,8 +172,9 @@ class Relay:
         self.max_body = max_body
         self._session = session
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._young: dict[_Watch, None] = {}
-        """Requests in flight whose watcher is not armed yet, oldest first."""
+        self._young: deque[_Watch] = deque()
+        """Requests whose watcher is not armed yet, oldest first. A request that finishes first
+        is only marked done; the sweep drops it (no search, no removal from the middle)."""
         self._sweep_at: asyncio.TimerHandle | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -229,8 +231,7 @@ class Relay:
         handler = asyncio.current_task(loop)
         assert handler is not None
         watch = _Watch(handler, receive, loop.time())
-        young = self._young
-        young[watch] = None
+        self._young.append(watch)
         if self._sweep_at is None:
             self._sweep_at = loop.call_later(WATCH_AFTER_S, self._sweep)
         out = _Status()
@@ -254,10 +255,8 @@ class Relay:
                 raise  # server shutdown: not ours to swallow
             handler.uncancel()
         finally:
-            if watch in young:
-                del young[watch]
-            else:  # armed: stop its watcher
-                watch.disarm()
+            watch.done = True
+            watch.disarm()
             self.observer.request_done(model_id, scope["path"], out.status or 499, queued)
 
     def _sweep(self) -> None:
@@ -269,12 +268,13 @@ class Relay:
         young = self._young
         armed_before = loop.time() - WATCH_AFTER_S
         while young:
-            oldest = next(iter(young))
-            if oldest.since > armed_before:
+            oldest = young[0]
+            if not oldest.done and oldest.since > armed_before:
                 self._sweep_at = loop.call_at(oldest.since + WATCH_AFTER_S, self._sweep)
                 return
-            del young[oldest]
-            oldest.arm()
+            young.popleft()
+            if not oldest.done:
+                oldest.arm()
 
     async def _read_body(self, length: str | None, receive: Receive) -> bytes | None:
         if length is not None and length.isdigit() and int(length) > self.max_body:
@@ -431,7 +431,7 @@ class _Watch:
     """One request in flight, for the disconnect watch: its task, its ``receive``, when it
     started (loop time), and once armed the watcher task."""
 
-    __slots__ = ("gone", "handler", "receive", "since", "task")
+    __slots__ = ("done", "gone", "handler", "receive", "since", "task")
 
     def __init__(self, handler: asyncio.Task[Any], receive: Receive, since: float) -> None:
         self.handler = handler
@@ -440,6 +440,8 @@ class _Watch:
         self.task: asyncio.Task[None] | None = None
         self.gone = False
         """The client went away: the handler was cancelled for that (not for a shutdown)."""
+        self.done = False
+        """The request is over: nothing to arm."""
 
     def arm(self) -> None:
         self.task = asyncio.ensure_future(_wait_disconnect(self.receive))
