@@ -144,14 +144,3 @@ def open_probe(index: int = 0) -> NvmlProbe | None:
     except Exception as exc:
         log.debug("no NVML: %s", exc)
         return None
-
-
-def nvml_total_gb() -> float | None:
-    """Total memory of device 0 in GB, or None without NVML or a GPU."""
-    probe = open_probe()
-    if probe is None:
-        return None
-    try:
-        return probe.total_gb()
-    finally:
-        probe.close()
