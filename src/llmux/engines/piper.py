@@ -203,6 +203,9 @@ class _Resampler:
         """What the resampler still holds (its filter's delay) once the input has ended."""
         return self._out(self._resampler.resample(None))
 
+    def close(self) -> None:
+        """Nothing to release (here so that it stands in for an ``_Encoder``)."""
+
 
 class _Encoder:
     """Encodes 16-bit mono PCM chunks to a compressed format as they come (PyAV)."""
@@ -228,7 +231,7 @@ class _Encoder:
             stream.bit_rate = enc.bit_rate
         self._stream = stream
 
-    def encode(self, pcm: bytes) -> bytes:
+    def convert(self, pcm: bytes) -> bytes:
         for packet in self._stream.encode(self._frames(pcm)):
             self._container.mux(packet)
         return self._sink.take()
@@ -305,13 +308,13 @@ class Speaker:
         from piper import SynthesisConfig
 
         syn_config = SynthesisConfig(speaker_id=job.speaker_id, length_scale=job.length_scale)
-        encoder: _Encoder | None = None
-        resampler: _Resampler | None = None
-        if job.response_format == "pcm" and self.pcm_rate != self.sample_rate:
-            resampler = _Resampler(self.sample_rate, self.pcm_rate)
+        # What the PCM goes through on its way out: an encoder, a resampler (pcm), or nothing.
+        transform: _Encoder | _Resampler | None = None
         if job.response_format in ENCODINGS:
             codec = self.encoders[job.response_format]
-            encoder = _Encoder(job.response_format, codec, self.sample_rate)
+            transform = _Encoder(job.response_format, codec, self.sample_rate)
+        elif job.response_format == "pcm" and self.pcm_rate != self.sample_rate:
+            transform = _Resampler(self.sample_rate, self.pcm_rate)
         elif job.response_format == "wav":
             yield wav_header(self.sample_rate)
         try:
@@ -319,20 +322,15 @@ class Speaker:
                 if stop.is_set():
                     return
                 pcm: bytes = chunk.audio_int16_bytes
-                if encoder:
-                    data = encoder.encode(pcm)
-                elif resampler:
-                    data = resampler.convert(pcm)
-                else:
-                    data = pcm
+                data = transform.convert(pcm) if transform else pcm
                 if data:
                     yield data
-            tail = encoder.finish() if encoder else resampler.finish() if resampler else b""
+            tail = transform.finish() if transform else b""
             if tail:
                 yield tail
         finally:
-            if encoder:
-                encoder.close()
+            if transform:
+                transform.close()
 
 
 def parse_speech(body: Any, speaker: Speaker) -> SpeechJob:
