@@ -226,8 +226,7 @@ class Relay:
         # asyncio.get_running_loop() (and a current_task() without a loop) makes a getpid()
         # system call.
         loop = self._loop
-        if loop is None:  # used without the app's start-up (which also makes the session)
-            loop = self._loop = asyncio.get_running_loop()
+        assert loop is not None, "the app has not started"  # start-up binds it, with the session
         handler = asyncio.current_task(loop)
         assert handler is not None
         watch = _Watch(handler, receive, loop.time())
