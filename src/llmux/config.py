@@ -62,6 +62,25 @@ class ServerConfig(_Strict):
     """On SIGTERM, seconds to let in-flight requests finish before children are stopped."""
     max_upload_mb: float = Field(25.0, gt=0)
     """Largest request body, MB (10^6 bytes); past it 413."""
+    max_speech_chars: int = Field(4096, ge=1)
+    """Longest ``input`` of a speech request, in characters (OpenAI's own limit is 4,096); past
+    it 400, before the model is loaded or the request queued."""
+    max_header_kb: int = Field(64, ge=1)
+    """Largest request line plus headers, KiB (1,024 bytes); past it 431, before anything else
+    runs (the key is not checked yet)."""
+    header_timeout: Seconds = 10.0
+    """A request's line and headers must arrive within this many seconds of their first byte (or
+    of the connection opening); past it 408 and the connection is closed."""
+    body_timeout: Seconds = 30.0
+    """Longest silence, seconds, while a request body is being received; past it 408 and the
+    connection is closed. A slow but moving upload is never cut."""
+    idle_timeout: Seconds = 30.0
+    """A kept-alive connection with no request for this many seconds is closed. Longer than the
+    keep-alive expiry of common clients (httpx 5 s, aiohttp 15 s), so they drop it first."""
+    max_connections: int = Field(4096, ge=1)
+    """Open client connections at most; lowered at start to fit the open-file limit. At the cap
+    the longest-idle connection is closed to make room; if none is idle, a new request gets 503,
+    except ``GET /health``."""
     state_dir: str | None = None
     """Directory for what llmux learns (``learned.json``: measured peaks, with NVML).
     None = ``$XDG_STATE_HOME/llmux``, or ``~/.local/state/llmux``. Read at start."""
@@ -113,6 +132,12 @@ class ModelConfig(_Strict):
     health: str = "/health"
     ready_timeout: Seconds = 300.0
     stop_timeout: Seconds = 10.0
+    stall_timeout: Seconds = 300.0
+    """Longest silence from the child during one request, seconds: before its answer starts, or
+    between two pieces of it. Past it the request is cut (502, or an SSE ``error`` event) and its
+    lease released, so a hung child cannot hold a drain for ever. 0 = no limit. The default fits
+    the longest legitimate silence of the built-in stack (a non-streamed answer is silent until it
+    is whole: a 25 MB upload transcribed on a laptop CPU takes minutes)."""
     ttl: Seconds | None = None
     """Unload after this many idle seconds; None = never by time. Ignored for pinned models."""
     tier: str | None = None

@@ -9,7 +9,10 @@ Nothing branches on message text.
 
     LlmuxError
     ├── InvalidRequest          400 invalid_request_error
-    │   └── BodyTooLarge        413 invalid_request_error / body_too_large
+    │   ├── UnsupportedModel    400 invalid_request_error / unsupported_model (wrong type for the route)
+    │   ├── RequestTimeout      408 invalid_request_error / request_timeout (headers or body too slow)
+    │   ├── BodyTooLarge        413 invalid_request_error / body_too_large
+    │   └── HeadersTooLarge     431 invalid_request_error / headers_too_large
     ├── AuthenticationFailed    401 authentication_error / invalid_api_key
     ├── PermissionDenied        403 permission_error / permission_error
     ├── NotFound                404 invalid_request_error / not_found (no such route)
@@ -20,6 +23,7 @@ Nothing branches on message text.
     ├── InsufficientVram        503 insufficient_vram / insufficient_vram
     ├── ModelLoadFailed         503 model_load_failed / model_load_failed
     ├── ModelUnavailable        503 service_unavailable / model_unavailable (shutting down, removed)
+    ├── ServerBusy              503 service_unavailable / server_busy (at server.max_connections)
     └── QueueTimeout            504 timeout_error / queue_timeout
 
 ``ConfigError`` is separate: it never reaches a client, it stops ``llmux serve`` and is what
@@ -61,9 +65,25 @@ class InvalidRequest(LlmuxError):
     code = "invalid_request"
 
 
+class UnsupportedModel(InvalidRequest):
+    """The model exists but is of a type the route does not serve (a TTS model on chat)."""
+
+    code = "unsupported_model"
+
+
+class RequestTimeout(InvalidRequest):
+    status = 408
+    code = "request_timeout"
+
+
 class BodyTooLarge(InvalidRequest):
     status = 413
     code = "body_too_large"
+
+
+class HeadersTooLarge(InvalidRequest):
+    status = 431
+    code = "headers_too_large"
 
 
 class AuthenticationFailed(LlmuxError):
@@ -128,6 +148,12 @@ class ModelUnavailable(LlmuxError):
     status = 503
     type = "service_unavailable"
     code = "model_unavailable"
+
+
+class ServerBusy(LlmuxError):
+    status = 503
+    type = "service_unavailable"
+    code = "server_busy"
 
 
 class QueueTimeout(LlmuxError):

@@ -14,7 +14,15 @@ import aiohttp
 
 from llmux.api.auth import Authenticator
 from llmux.api.control import build_control
-from llmux.api.relay import RELAY_PATHS, Receive, Relay, Scope, Send, send_error
+from llmux.api.relay import (
+    RELAY_PATHS,
+    Receive,
+    Relay,
+    Scope,
+    Send,
+    UpstreamConnector,
+    send_error,
+)
 from llmux.backends.base import Launcher
 from llmux.config import Config
 from llmux.errors import ConfigError, MethodNotAllowed
@@ -61,6 +69,7 @@ class LlmuxApp:
             self.observer,
             max_body=int(config.server.max_upload_mb * 1_000_000),
             session=self.session,
+            max_speech_chars=config.server.max_speech_chars,
         )
         self.control = build_control(self.scheduler, auth, self.observer)
 
@@ -70,7 +79,7 @@ class LlmuxApp:
 
     async def startup(self) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            connector=UpstreamConnector(limit=0, force_close=False),
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             # Children's cookies are not kept: one client's Set-Cookie must never ride along
@@ -132,6 +141,7 @@ class LlmuxApp:
         self.config = new
         self.auth.update(new.server)
         self.relay.max_body = int(new.server.max_upload_mb * 1_000_000)
+        self.relay.max_speech_chars = new.server.max_speech_chars
         self.scheduler.reconfigure(new, new.budget_gb(self.nvml_total_gb))
         log.info("config reloaded: added=%s removed=%s changed=%s", added, removed, changed)
         return True

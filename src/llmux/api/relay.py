@@ -9,10 +9,12 @@ releases the lease; a child that dies mid-stream ends an SSE stream with an ``er
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -20,7 +22,15 @@ import orjson
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from llmux.api.auth import Authenticator
-from llmux.errors import BodyTooLarge, InvalidRequest, LlmuxError, UpstreamError
+from llmux.backends.base import Child
+from llmux.config import ModelConfig, ModelType
+from llmux.errors import (
+    BodyTooLarge,
+    InvalidRequest,
+    LlmuxError,
+    UnsupportedModel,
+    UpstreamError,
+)
 from llmux.observe import Observer
 from llmux.scheduling.runtime import Lease, Scheduler
 
@@ -31,16 +41,17 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-RELAY_PATHS = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/audio/speech",
-        "/v1/audio/transcriptions",
-        "/v1/audio/translations",
-    }
-)
+ROUTE_TYPES: dict[str, frozenset[ModelType]] = {
+    "/v1/chat/completions": frozenset({"llm"}),
+    "/v1/completions": frozenset({"llm"}),
+    "/v1/embeddings": frozenset({"embedding", "llm"}),
+    "/v1/audio/speech": frozenset({"tts"}),
+    "/v1/audio/transcriptions": frozenset({"asr"}),
+    "/v1/audio/translations": frozenset({"asr"}),
+}
+"""The model types each relayed route serves; another type is a 400 before anything loads."""
+
+RELAY_PATHS = frozenset(ROUTE_TYPES)
 
 # Headers not passed between client and child (hop-by-hop, or llmux's own credentials).
 _DROP_REQUEST = frozenset(
@@ -55,6 +66,7 @@ _DROP_REQUEST = frozenset(
         b"te",
         b"proxy-authorization",
         b"expect",
+        b"x-llmux-request-id",  # llmux's own, set for the child: never the client's
     }
 )
 _DROP_RESPONSE = frozenset(
@@ -139,8 +151,9 @@ def _multipart_model(body: bytes, content_type: str) -> str | None:
 _IDENTITY = ("accept-encoding", "identity")
 
 WHOLE_BODY_MAX = 256 * 1024
-"""A non-SSE answer with a Content-Length up to this is read whole and sent in one message;
-longer ones (and SSE, and answers without a length) are passed on chunk by chunk."""
+"""A non-SSE answer with a Content-Length up to this is read whole before anything is sent (so a
+child that sends less than it announced gets a clean 502) and sent in one message; longer ones
+(and SSE, and answers without a length) are passed on chunk by chunk."""
 
 WATCH_AFTER_S = 0.05
 """A request still running this long starts watching for its client's disconnect."""
@@ -148,11 +161,65 @@ WATCH_AFTER_S = 0.05
 LOADING_COMMENT_EVERY_S = 2.0
 """A streaming request that waits for a load gets ``: llmux loading <model>`` this often."""
 
+DEATH_CHECK_S = 0.05
+"""An answer framed by the close of the connection ended: how long to wait for the child's exit
+before taking the close as the answer's end (a killed child closes its sockets a moment before
+the kernel reports its exit). Only such answers pay it, and only when the child lives on."""
+
+CANCEL_WAIT_S = 12.0
+"""After a client went away: longest wait for a child that can be told to stop (the built-in
+engines answer within 10 s) before its lease is released anyway."""
+
+UPSTREAM_CONNECT_S = 10.0
+
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+
+
+class UpstreamConnector(aiohttp.TCPConnector):
+    """aiohttp's pool, minus one hazard: a pooled connection on which the child sent bytes while
+    no request was on it (a second response after the one asked for, say) is closed, never
+    handed to the next request, whose client would get that stale answer.
+
+    aiohttp checks this when a connection goes back to the pool, but not when it is taken out;
+    ``_get`` (aiohttp's, not public) is where it is taken out. tests/test_misbehave.py proves the
+    check works with the installed aiohttp, so a rename there fails a test, not a client.
+    """
+
+    async def _get(self, key: Any, traces: Any) -> Any:
+        while True:
+            conn = await super()._get(key, traces)
+            if conn is None or conn.protocol is None or not conn.protocol.should_close:
+                return conn
+            log.warning("upstream %s sent bytes while idle: connection closed", key.host)
+            conn.close()
+
+
+@dataclass(frozen=True)
+class _Route:
+    """What the relay needs of one model's config, built once per config object."""
+
+    spec: ModelConfig
+    timeout: aiohttp.ClientTimeout
+    """``sock_read`` is the model's stall_timeout: the longest silence of the child."""
+    cancel_path: str | None
+    """The child's endpoint that stops one request's work (built-in engines), if any."""
+
+    @classmethod
+    def of(cls, spec: ModelConfig) -> _Route:
+        stall = spec.stall_timeout or None
+        cancel = None
+        if spec.engine is not None:
+            from llmux.engines import engine_cancel_path
+
+            cancel = engine_cancel_path(spec.engine)
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=UPSTREAM_CONNECT_S, sock_read=stall
+        )
+        return cls(spec, timeout, cancel)
 
 
 class Relay:
@@ -165,12 +232,15 @@ class Relay:
         observer: Observer,
         max_body: int,
         session: Callable[[], aiohttp.ClientSession],
+        max_speech_chars: int = 4096,
     ) -> None:
         self.scheduler = scheduler
         self.auth = auth
         self.observer = observer
         self.max_body = max_body
+        self.max_speech_chars = max_speech_chars
         self._session = session
+        self._routes: dict[str, _Route] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._young: deque[_Watch] = deque()
         """Requests whose watcher is not armed yet, oldest first. A request that finishes first
@@ -187,13 +257,22 @@ class Relay:
             self._sweep_at.cancel()
             self._sweep_at = None
 
+    def _route(self, model_id: str) -> _Route:
+        spec = self.scheduler.config.models[model_id]
+        route = self._routes.get(model_id)
+        if route is None or route.spec is not spec:  # new, or the config was reloaded
+            route = self._routes[model_id] = _Route.of(spec)
+        return route
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # One pass over the request headers: what llmux reads, and what goes on to the child.
         authorization = length = content_type = None
         forward: list[tuple[str, str]] = []
         encoding = False
+        twice = False
         for k, v in scope["headers"]:
             if k == b"authorization":
+                twice = authorization is not None
                 authorization = bytes(v).decode("latin-1")
             elif k == b"content-length":
                 length = bytes(v).decode("latin-1")
@@ -208,16 +287,20 @@ class Relay:
             # pass through as they are). Sending this, rather than telling aiohttp to skip its
             # default, keeps aiohttp on its cheaper per-request path.
             forward.append(_IDENTITY)
+        path = scope["path"]
         try:
+            if twice:
+                raise InvalidRequest("more than one Authorization header")
             self.auth.check_read(authorization)
             body = await self._read_body(length, receive)
             if body is None:
                 return  # the client went away before sending its whole body
-            model_id, body, stream = self._model_of(content_type or "", body)
+            model_id, body, stream = self._model_of(path, content_type or "", body)
         except LlmuxError as exc:
-            self.observer.request_done("", scope["path"], exc.status, None)
+            self.observer.request_done("", path, exc.status, None)
             await send_error(send, exc)
             return
+        route = self._route(model_id)
         # From here the client may go away at any time. The work runs in this task. A request
         # still running after WATCH_AFTER_S gets a watcher task that cancels it when the client
         # disconnects (see _sweep); most requests to a ready model finish before that, so they
@@ -244,7 +327,14 @@ class Relay:
                 lease, early = await self._acquire(send, model_id, stream, out)
             queued = time.monotonic() - started
             try:
-                await self._forward(scope, send, lease, body, forward, early, out)
+                await self._forward(scope, send, lease, route, body, forward, early, out)
+            except asyncio.CancelledError:
+                if not watch.gone:
+                    raise  # server shutdown: not ours to swallow
+                handler.uncancel()
+                if route.cancel_path is not None:
+                    # The model stays busy (in flight) until its child says the work stopped.
+                    await self._stop_work(lease, route.cancel_path)
             finally:
                 self.scheduler.release(lease)
         except _Answered:
@@ -256,7 +346,7 @@ class Relay:
         finally:
             watch.done = True
             watch.disarm()
-            self.observer.request_done(model_id, scope["path"], out.status or 499, queued)
+            self.observer.request_done(model_id, path, out.status or 499, queued)
 
     def _sweep(self) -> None:
         """Arm the watchers of the requests that have run for WATCH_AFTER_S, then come back
@@ -289,15 +379,19 @@ class Relay:
             if not message.get("more_body", False):
                 return bytes(chunks)
 
-    def _model_of(self, content_type: str, body: bytes) -> tuple[str, bytes, bool]:
-        """The model id asked for (ModelNotFound if none has that id or alias), the body to
-        relay (model rewritten if configured), and whether the client asked for SSE."""
+    def _model_of(self, path: str, content_type: str, body: bytes) -> tuple[str, bytes, bool]:
+        """The model id asked for (ModelNotFound if none has that id or alias; UnsupportedModel
+        if it is of a type ``path`` does not serve), the body to relay (model rewritten if
+        configured), and whether the client asked for SSE. Checks what llmux itself limits
+        (speech ``input`` length) before anything is loaded or queued."""
         config = self.scheduler.config
-        if content_type.startswith("multipart/form-data"):
+        if content_type[:19].lower() == "multipart/form-data":
             model = _multipart_model(body, content_type)
             if not model:
                 raise InvalidRequest("the form field 'model' is required", param="model")
-            return self.scheduler.resolve(model), body, False
+            model_id = self.scheduler.resolve(model)
+            self._check_type(path, model, config.models[model_id])
+            return model_id, body, False
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -308,11 +402,29 @@ class Relay:
         if not isinstance(model, str) or not model:
             raise InvalidRequest("'model' is required and must be a string", param="model")
         model_id = self.scheduler.resolve(model)
-        upstream = config.models[model_id].upstream_model
+        spec = config.models[model_id]
+        self._check_type(path, model, spec)
+        if path == "/v1/audio/speech":
+            text = data.get("input")
+            if isinstance(text, str) and len(text) > self.max_speech_chars:
+                raise InvalidRequest(
+                    f"'input' is {len(text)} characters; the limit is {self.max_speech_chars}",
+                    param="input",
+                )
+        upstream = spec.upstream_model
         if upstream is not None and upstream != model:
             data["model"] = upstream
             body = orjson.dumps(data)
         return model_id, body, data.get("stream") is True
+
+    @staticmethod
+    def _check_type(path: str, asked: str, spec: ModelConfig) -> None:
+        served = ROUTE_TYPES[path]
+        if spec.type not in served:
+            kinds = " or ".join(sorted(served))
+            raise UnsupportedModel(
+                f"'{asked}' is a {spec.type} model; {path} serves {kinds} models", param="model"
+            )
 
     async def _acquire(
         self, send: Send, model_id: str, stream: bool, out: _Status
@@ -365,65 +477,127 @@ class Relay:
         scope: Scope,
         send: Send,
         lease: Lease,
+        route: _Route,
         body: bytes,
         headers: list[tuple[str, str]],
         headers_sent: bool,
         out: _Status,
     ) -> None:
+        """Relay one request to the child and its answer to the client.
+
+        However the child frames its answer, one cut short never reaches the client as a
+        complete one (DESIGN section 2): before the headers it is a 502; in an SSE stream an
+        ``error`` event; otherwise the connection is cut (the client sees fewer bytes than
+        announced, or an unfinished chunked body). A child silent for its ``stall_timeout`` is
+        cut the same way.
+        """
         url = lease.base_url + scope["path"]
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
+        if route.cancel_path is not None:
+            headers.append(("x-llmux-request-id", str(lease.rid)))
         started = headers_sent
         sse = headers_sent
+        model_id = lease.model_id
         try:
-            async with self._session().post(url, data=body, headers=headers) as resp:
-                if headers_sent and resp.status != 200:
+            async with self._session().post(
+                url, data=body, headers=headers, timeout=route.timeout
+            ) as resp:
+                status = resp.status
+                if not 200 <= status <= 599:
+                    raise _BadAnswer(f"model '{model_id}' answered with status {status}")
+                if headers_sent and status != 200:
                     # The 200 went out with the loading comments: the child's error becomes an
                     # SSE error event.
                     detail = (await resp.read()).decode("utf-8", "replace")[:2000]
-                    error = UpstreamError(
-                        f"model '{lease.model_id}' answered {resp.status}: {detail}"
-                    )
+                    error = UpstreamError(f"model '{model_id}' answered {status}: {detail}")
                     await send({"type": "http.response.body", "body": sse_error(error)})
                     return
+                length = resp.content_length
+                if not headers_sent:
+                    sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+                whole = None
+                if not sse and length is not None and length <= WHOLE_BODY_MAX:
+                    # A small answer of known length: read whole before anything is sent, so
+                    # that a child that sends less than it announced is a clean 502.
+                    whole = await resp.read()
                 if not headers_sent:
                     out_headers = [
                         (name.encode("latin-1"), v.encode("latin-1"))
                         for k, v in resp.headers.items()
                         if (name := k.lower()) not in _DROP_RESPONSE
                     ]
-                    sse = resp.headers.get("content-type", "").startswith("text/event-stream")
-                    out.status = resp.status
+                    out.status = status
                     await send(
-                        {
-                            "type": "http.response.start",
-                            "status": resp.status,
-                            "headers": out_headers,
-                        }
+                        {"type": "http.response.start", "status": status, "headers": out_headers}
                     )
                     started = True
-                length = resp.content_length
-                if not sse and length is not None and length <= WHOLE_BODY_MAX:
-                    # A small answer of known length: one read, one send.
-                    body = await resp.read()
-                    await send({"type": "http.response.body", "body": body})
+                if whole is not None:
+                    await send({"type": "http.response.body", "body": whole})
                     return
                 async for chunk in resp.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                # Framed by the close of the connection: the end is only an end if the child
+                # lives on (a killed child's close looks just like it).
+                framing = resp.headers.get("transfer-encoding")
+                close_framed = length is None and not _chunked(framing)
+                if close_framed and await _died(lease.child):
+                    raise _BadAnswer(f"model '{model_id}' died while answering")
             await send({"type": "http.response.body", "body": b""})
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            error = UpstreamError(
-                f"model '{lease.model_id}' failed mid-request: {type(exc).__name__}: {exc}"
-            )
-            log.warning("upstream error model=%s: %s", lease.model_id, exc)
+        except (aiohttp.ClientError, ConnectionError, _BadAnswer) as exc:
+            error = _upstream_error(model_id, route, exc)
+            log.warning("upstream error model=%s: %s", model_id, error.message)
             if not started:
                 out.status = error.status
                 await send_error(send, error)
             elif sse:
                 await send({"type": "http.response.body", "body": sse_error(error)})
-            else:
-                # Headers are out and the body is not SSE: all we can do is cut the response.
-                raise
+            # else: headers are out and the body is not SSE: the answer stays unfinished and
+            # the server cuts the connection, so the client cannot take it as complete.
+
+    async def _stop_work(self, lease: Lease, cancel_path: str) -> None:
+        """The client went away: tell the child to stop this request's work, and return once it
+        has (or after CANCEL_WAIT_S). Until then the request stays in flight."""
+        url = lease.base_url + cancel_path.format(request_id=lease.rid)
+        began = time.monotonic()
+        try:
+            async with asyncio.timeout(CANCEL_WAIT_S):
+                async with self._session().post(url) as resp:
+                    await resp.read()
+                    outcome = f"status {resp.status}"
+        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+            outcome = f"{type(exc).__name__} {exc}"
+        log.info(
+            "client left model=%s request=%d: the child stopped its work after %.3f s (%s)",
+            lease.model_id,
+            lease.rid,
+            time.monotonic() - began,
+            outcome,
+        )
+
+
+def _chunked(transfer_encoding: str | None) -> bool:
+    return transfer_encoding is not None and "chunked" in transfer_encoding.lower()
+
+
+def _upstream_error(model_id: str, route: _Route, exc: Exception) -> UpstreamError:
+    if isinstance(exc, _BadAnswer):
+        return UpstreamError(str(exc))
+    if isinstance(exc, TimeoutError):  # aiohttp's sock_read: the child went silent
+        stall = route.spec.stall_timeout
+        return UpstreamError(
+            f"model '{model_id}' sent nothing for {stall:g} s (its stall_timeout); "
+            "the request was cut"
+        )
+    return UpstreamError(f"model '{model_id}' failed mid-request: {type(exc).__name__}: {exc}")
+
+
+async def _died(child: Child) -> bool:
+    """Whether ``child`` has exited, or exits within DEATH_CHECK_S."""
+    if child.returncode is None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(child.wait_exit(), DEATH_CHECK_S)
+    return child.returncode is not None
 
 
 class _Watch:
@@ -468,6 +642,11 @@ class _Status:
 
 class _Answered(Exception):
     """The client already got its (error) answer; nothing more to send."""
+
+
+class _BadAnswer(Exception):
+    """The child's answer is not one the client may get as it is (an impossible status, or cut
+    by the child's death)."""
 
 
 async def _wait_disconnect(receive: Receive) -> None:

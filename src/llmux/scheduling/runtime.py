@@ -66,6 +66,8 @@ class Lease:
     model_id: str
     generation: int
     base_url: str
+    child: Child
+    """The process serving it (the relay asks it whether it died when an answer ends)."""
 
 
 @dataclass(frozen=True)
@@ -255,7 +257,7 @@ class Scheduler:
         if run.generation != generation:  # cannot happen for a ready model; stay safe
             self.post(Release(rid))
             return None
-        return Lease(rid, model_id, generation, run.child.base_url)
+        return Lease(rid, model_id, generation, run.child.base_url, run.child)
 
     async def acquire(self, model_id: str) -> Lease:
         """Wait until ``model_id`` is ready and count this request in flight."""
@@ -342,7 +344,7 @@ class Scheduler:
         run = self._children.get(model_id)
         if fut is None or fut.done() or run is None:
             return  # the waiter is gone; its Cancel event releases the lease
-        fut.set_result(Lease(rid, model_id, generation, run.child.base_url))
+        fut.set_result(Lease(rid, model_id, generation, run.child.base_url, run.child))
 
     def answer(self, rid: int) -> None:
         fut = self._futures.get(rid)
