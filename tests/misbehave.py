@@ -17,6 +17,10 @@ client's headers on); without one, a well-formed answer. One mode per misbehavio
 - ``close-json``: a JSON body framed by closing the connection; half of it, then the process dies.
 - ``close-json-ok``: the same framing, the whole body, then a clean close.
 - ``chunked-sse-die``: a chunked SSE stream; two events, then the process dies.
+- ``length-sse-die``: an SSE stream with a Content-Length; two events (less than announced),
+  then the process dies.
+- ``close-sse-done-die``: framed by the close; the whole stream with ``[DONE]``, then the
+  process dies before it closes the connection (the answer was whole).
 - ``short``: ``Content-Length: 1000``, 10 bytes, then the connection is closed.
 - ``status-999``: a status line with status 999.
 - ``garbage``: bytes that are not HTTP, then a close.
@@ -196,6 +200,14 @@ async def answer(
             await die(writer)
         writer.write(whole)
         return False
+    if mode == "length-sse-die":
+        events = event("one") + event("two")
+        head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        writer.write(f"{head}Content-Length: {len(events) + 500}\r\n\r\n".encode() + events)
+        await die(writer)
+    if mode == "close-sse-done-die":
+        writer.write(SSE_CLOSE_HEAD + event("one") + event("two") + DONE)
+        await die(writer)
     if mode == "chunked-sse-die":
         writer.write(SSE_CHUNKED_HEAD + chunk(event("one")) + chunk(event("two")))
         await die(writer)

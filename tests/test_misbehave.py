@@ -150,7 +150,7 @@ def test_a_hung_request_does_not_freeze_the_gpu(start_server: StartServer, tmp_p
 # ---------------------------------------------------------------- 8: cut answers never look whole
 
 
-@pytest.mark.parametrize("mode", ["close-sse", "chunked-sse-die"])
+@pytest.mark.parametrize("mode", ["close-sse", "chunked-sse-die", "length-sse-die"])
 def test_an_sse_stream_cut_by_the_childs_death_ends_with_an_error_event(
     start_server: StartServer, tmp_path: Path, mode: str
 ) -> None:
@@ -182,6 +182,11 @@ def test_a_close_framed_answer_from_a_live_child_is_whole(
 ) -> None:
     server = start_server(config(tmp_path))
     status, body, cut = raw_stream(server, "close-sse-ok")
+    assert (status, cut) == (200, None)
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert b"event: error" not in body
+    # Whole, then the child died before closing: still whole, no error after [DONE].
+    status, body, cut = raw_stream(server, "close-sse-done-die")
     assert (status, cut) == (200, None)
     assert body.endswith(b"data: [DONE]\n\n")
     assert b"event: error" not in body

@@ -72,6 +72,7 @@ _DROP_REQUEST = frozenset(
 _DROP_RESPONSE = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "upgrade", "te", "trailer", "server", "date"}
 )
+_DROP_RESPONSE_SSE = _DROP_RESPONSE | {"content-length"}
 
 
 async def send_error(send: Send, error: LlmuxError) -> None:
@@ -498,6 +499,8 @@ class Relay:
             headers.append(("x-llmux-request-id", str(lease.rid)))
         started = headers_sent
         sse = headers_sent
+        last = b""
+        """The last piece of the body sent on (an SSE stream that ended with [DONE] is whole)."""
         model_id = lease.model_id
         try:
             async with self._session().post(
@@ -522,10 +525,13 @@ class Relay:
                     # that a child that sends less than it announced is a clean 502.
                     whole = await resp.read()
                 if not headers_sent:
+                    # An SSE stream goes on chunked whatever its length: an error event may
+                    # have to follow a stream the child's death cut short.
+                    drop = _DROP_RESPONSE_SSE if sse else _DROP_RESPONSE
                     out_headers = [
                         (name.encode("latin-1"), v.encode("latin-1"))
                         for k, v in resp.headers.items()
-                        if (name := k.lower()) not in _DROP_RESPONSE
+                        if (name := k.lower()) not in drop
                     ]
                     out.status = status
                     await send(
@@ -537,6 +543,7 @@ class Relay:
                     return
                 async for chunk in resp.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    last = chunk
                 # Framed by the close of the connection: the end is only an end if the child
                 # lives on (a killed child's close looks just like it).
                 framing = resp.headers.get("transfer-encoding")
@@ -545,6 +552,11 @@ class Relay:
                     raise _BadAnswer(f"model '{model_id}' died while answering")
             await send({"type": "http.response.body", "body": b""})
         except (aiohttp.ClientError, ConnectionError, _BadAnswer) as exc:
+            if sse and last.rstrip().endswith(b"data: [DONE]"):
+                # The stream was whole; only its end was lost (the child died or misframed
+                # after its last event). An error after [DONE] would be a protocol error.
+                await send({"type": "http.response.body", "body": b""})
+                return
             error = _upstream_error(model_id, route, exc)
             log.warning("upstream error model=%s: %s", model_id, error.message)
             if not started:
