@@ -86,6 +86,8 @@ class Children:
         for pid in self.stray_pids:
             if is_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        self.launcher.close()
+        assert await asyncio.to_thread(self.launcher.watchdog.wait, 20) in (0, None)
 
 
 @pytest_asyncio.fixture

@@ -3,7 +3,7 @@
 Lifecycle of one child::
 
     spawn: own session and process group, PR_SET_PDEATHSIG=SIGKILL (Linux),
-           stdout+stderr merged into one pipe
+           stdout+stderr merged into one pipe, registered with the process watchdog
       -> GET {health} answers 200   -> ready: ``launch`` returns a ``ProcessChild``
       -> it exits first             -> LaunchFailed("exited with status N during start")
       -> ``ready_timeout`` passes   -> SIGKILL group, LaunchFailed("not ready after N s")
@@ -13,7 +13,10 @@ Lifecycle of one child::
       -> it exits by itself         -> ``wait_exit()`` resolves (a crash)
 
 Whenever the group leader is gone, the whole group gets one more SIGKILL so that helpers it
-started (a worker, a ``sleep``) never keep GPU memory or the output pipe.
+started (a worker, a ``sleep``) never keep GPU memory or the output pipe. The process watchdog
+(``llmux.backends.reaper``) then kills what left the group (``setpgid``, ``setsid``), and, if
+llmux itself dies in any way, everything any child started: the parent-death signal reaches
+the children only, not what they started.
 
 Notes for callers:
 
@@ -43,6 +46,7 @@ from typing import cast
 import aiohttp
 
 from llmux.backends.base import LaunchFailed, LaunchSpec
+from llmux.backends.reaper import WATCHDOG_ENV, Watchdog
 
 __all__ = ["ProcessChild", "ProcessLauncher"]
 
@@ -69,15 +73,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def parent_death_preexec() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the kernel SIGKILL the child when llmux dies; None off Linux."""
+def parent_death_preexec(
+    then: Callable[[], None] | None = None,
+) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the kernel SIGKILL the child when llmux dies, then runs
+    ``then``; only ``then`` off Linux."""
     if not sys.platform.startswith("linux"):
-        return None
+        return then
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         prctl = libc.prctl
     except (OSError, AttributeError):
-        return None
+        return then
     prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     prctl.restype = ctypes.c_int
     parent = os.getpid()
@@ -87,6 +94,8 @@ def parent_death_preexec() -> Callable[[], None] | None:
         prctl(_PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
         if os.getppid() != parent:  # llmux died before prctl took effect
             os.kill(os.getpid(), sigkill)
+        if then is not None:
+            then()
 
     return preexec
 
@@ -104,11 +113,22 @@ def _describe_status(returncode: int) -> str:
 class _ChildProtocol(asyncio.SubprocessProtocol):
     """Collects the merged output and notices the exit of one child."""
 
-    def __init__(self, model_id: str, log_lines: int, logger: logging.Logger) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        log_lines: int,
+        logger: logging.Logger,
+        on_spawn: Callable[[int], None] | None = None,
+        on_reaped: Callable[[int], None] | None = None,
+    ) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._model_id = model_id
         self._logger = logger
+        self._on_spawn = on_spawn
+        """Called with the pid in ``connection_made``: before ``process_exited`` can be."""
+        self._on_reaped = on_reaped
+        """Called with the pid once the leader is reaped and its group killed."""
         self.lines: deque[str] = deque(maxlen=max(log_lines, 1))
         self.lines_total = 0
         """Lines seen since start (for followers: what is new since they last looked)."""
@@ -125,6 +145,8 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Not an isinstance check: uvloop's transport only quacks like SubprocessTransport.
         self.transport = cast(asyncio.SubprocessTransport, transport)
+        if self._on_spawn is not None:
+            self._on_spawn(self.transport.get_pid())
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         buffer = self._partial
@@ -154,8 +176,11 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
         assert self.transport is not None
         returncode = self.transport.get_returncode()
         assert returncode is not None
-        # The leader is reaped; take any stragglers of its group with it.
+        # The leader is reaped; take any stragglers of its group with it (and the watchdog
+        # those that left the group).
         self.kill_group(signal.SIGKILL)
+        if self._on_reaped is not None:
+            self._on_reaped(self.transport.get_pid())
         if not self.exited.done():
             self.exited.set_result(returncode)
         if self._output_closed:
@@ -263,7 +288,11 @@ class ProcessChild:
 
 
 class ProcessLauncher:
-    """Spawns children with ``${PORT}`` filled and waits until their health probe answers 200."""
+    """Spawns children with ``${PORT}`` filled and waits until their health probe answers 200.
+
+    ``watchdog``: the process watchdog its children are registered with (default: its own,
+    started at the first launch and ended with llmux or by ``close()``).
+    """
 
     def __init__(
         self,
@@ -271,10 +300,16 @@ class ProcessLauncher:
         host: str = "127.0.0.1",
         log_lines: int = 50,
         logger: logging.Logger | None = None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self._host = host
         self._log_lines = log_lines
         self._logger = logger if logger is not None else logging.getLogger(__name__)
+        self.watchdog = watchdog if watchdog is not None else Watchdog()
+
+    def close(self) -> None:
+        """End the watchdog; anything still running that a child started is killed with it."""
+        self.watchdog.close()
 
     async def launch(self, spec: LaunchSpec) -> ProcessChild:
         if not spec.argv:
@@ -282,8 +317,18 @@ class ProcessLauncher:
         port = free_port(self._host)
         argv = [arg.replace("${PORT}", str(port)) for arg in spec.argv]
         env = {**os.environ, **spec.env} if spec.inherit_env else dict(spec.env)
+        watchdog = self.watchdog
+        token = watchdog.token()
+        if token is not None:
+            env[WATCHDOG_ENV] = token
         loop = asyncio.get_running_loop()
-        protocol = _ChildProtocol(spec.model_id, self._log_lines, self._logger)
+        protocol = _ChildProtocol(
+            spec.model_id,
+            self._log_lines,
+            self._logger,
+            on_spawn=lambda pid: watchdog.register(pid, token),
+            on_reaped=watchdog.unregister,
+        )
         try:
             await loop.subprocess_exec(
                 lambda: protocol,
@@ -293,9 +338,10 @@ class ProcessLauncher:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-                preexec_fn=parent_death_preexec(),
+                preexec_fn=parent_death_preexec(then=watchdog.child_hook(token)),
             )
         except OSError as exc:
+            watchdog.abandon(token)
             reason = exc.strerror or str(exc)
             raise LaunchFailed(f"{spec.model_id}: cannot start {argv[0]!r}: {reason}", []) from exc
         child = ProcessChild(spec.model_id, self._host, port, protocol)
