@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import io
 import itertools
+import json
+import logging
 import os
 import re
 import statistics
@@ -469,7 +471,7 @@ def test_engine_argv(tmp_path: Path) -> None:
         str(gguf),
         {"n_ctx": 4096, "threads": 3, "n_threads_batch": 1, "flash_attn": True},
     )
-    assert argv[:3] == [sys.executable, "-m", "llama_cpp.server"]
+    assert argv[:3] == [sys.executable, "-m", "llmux.engines.llama"]
     joined = " ".join(argv[3:])
     assert f"--model {gguf} --host 127.0.0.1 --port {PORT_PLACEHOLDER}" in joined
     assert "--n_ctx 4096" in joined
@@ -506,3 +508,122 @@ def test_engine_argv_rejects_bad_args(tmp_path: Path) -> None:
 def test_engine_env_drops_llama_cpp_settings() -> None:
     env = engine_env("llama-cpp", {"PORT": "80", "host": "0.0.0.0", "API_KEY": "x", "HOME": "/h"})
     assert env == {"HOME": "/h"}
+
+
+# --- speech input the voice cannot speak, and failures mid-answer (issue 10, findings 4 and 7) --
+
+
+def test_speech_input_it_cannot_speak_is_a_400_before_any_byte(piper: Server) -> None:
+    """NUL ends espeak-ng's C string and a lone surrogate has no UTF-8 form: both used to fail
+    after the WAV header (a 200 cut short) or as a 500. Text with nothing to pronounce, and
+    text over 4,096 characters (OpenAI's limit, ``--max-input-chars``), are 400s too."""
+    cases: list[tuple[bytes, str | None]] = []
+    for fmt in ("wav", "pcm", "mp3"):
+        body = {"model": "tts", "voice": "alloy", "input": "a\u0000b", "response_format": fmt}
+        cases.append((json.dumps(body).encode(), None))
+    cases.append((b'{"voice": "alloy", "input": "a\\ud800b", "response_format": "wav"}', None))
+    cases.append((json.dumps({"input": "\u200b ... \ufeff"}).encode(), None))
+    too_long = {"input": "Hello. " * 600, "response_format": "pcm"}  # 4,200 characters
+    cases.append((json.dumps(too_long).encode(), "string_above_max_length"))
+    with httpx.Client(base_url=piper.base_url, timeout=60) as http:
+        for content, code in cases:
+            response = http.post(
+                "/v1/audio/speech", content=content, headers={"content-type": "application/json"}
+            )
+            assert response.status_code == 400, (content[:80], response.text)
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["param"] == "input"
+            if code:
+                assert error["code"] == code
+        still_fine = http.post("/v1/audio/speech", json={"input": "a\tb", "response_format": "wav"})
+    assert still_fine.status_code == 200
+    assert len(still_fine.content) > 44 + 4410  # tabs and the like are spoken as spaces
+
+
+class _FailingVoice:
+    """The real voice, whose model fails at its ``fail_at``-th sentence."""
+
+    def __init__(self, voice: Any, fail_at: int) -> None:
+        self._voice = voice
+        self._fail_at = fail_at
+        self._calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._voice, name)
+
+    def phoneme_ids_to_audio(self, ids: list[int], syn_config: Any) -> Any:
+        self._calls += 1
+        if self._calls == self._fail_at:
+            raise RuntimeError("the voice model failed")
+        return self._voice.phoneme_ids_to_audio(ids, syn_config)
+
+
+@pytest.fixture(scope="module")
+def real_voice() -> Any:
+    require_engine("piper", "en_US-joe-medium", "piper")
+    from llmux.engines.piper import load_voice
+
+    path = str(resolve_model("piper", "en_US-joe-medium"))
+    return load_voice(path, path + ".json", False)
+
+
+def _serve_in_thread(app: Any) -> Iterator[str]:
+    import threading
+
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:  # bounded poll of the server's own readiness flag
+            assert thread.is_alive(), "uvicorn stopped while starting"
+            assert time.monotonic() < deadline, "uvicorn did not start in 30 s"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_speech_failure_is_an_envelope_or_a_cut_logged_once(
+    real_voice: Any, fail_at: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A synthesis that fails on its first sentence is a 500 envelope; one that fails later,
+    after the headers, cuts the connection. Either way one line in the log, no traceback."""
+    from llmux.engines.piper import Speaker, create_app
+
+    speaker = Speaker(_FailingVoice(real_voice, fail_at), names=["joe"])
+    text = "This is the first sentence. This is the second one. And a third."
+    caplog.set_level(logging.INFO)
+    for base_url in _serve_in_thread(create_app(speaker)):
+        with httpx.Client(base_url=base_url, timeout=60) as http:
+            request = {"input": text, "response_format": "wav"}
+            with http.stream("POST", "/v1/audio/speech", json=request) as response:
+                if fail_at == 1:
+                    assert response.status_code == 500
+                    error = json.loads(response.read())["error"]
+                    assert error["type"] == "server_error"
+                    assert "Traceback" not in error["message"]
+                else:
+                    assert response.status_code == 200
+                    with pytest.raises(httpx.RemoteProtocolError):
+                        response.read()
+    ours = [r for r in caplog.records if r.name == "llmux.engines.piper"]
+    assert len(ours) == 1
+    assert ours[0].levelno == logging.ERROR
+    assert "the voice model failed" in ours[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_piper_argv_max_input_chars(tmp_path: Path) -> None:
+    voice = tmp_path / "v.onnx"
+    voice.write_bytes(b"")
+    argv = engine_argv("piper", str(voice), {"max_input_chars": 10000})
+    assert argv[argv.index("--max-input-chars") + 1] == "10000"
+    with pytest.raises(EngineError, match="max_input_chars must be an integer"):
+        engine_argv("piper", str(voice), {"max_input_chars": "lots"})

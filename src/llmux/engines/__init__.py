@@ -4,13 +4,19 @@
 OpenAI-style HTTP API on ``127.0.0.1`` and the port placeholder ``${PORT}`` (filled by the
 launcher). It runs ``sys.executable`` (the interpreter llmux runs in), never a shell.
 
-- ``llama-cpp``: llama-cpp-python's own server, ``python -m llama_cpp.server``. ``args`` keys are
+- ``llama-cpp``: llama-cpp-python's own server, run as ``python -m llmux.engines.llama`` (its
+  app as is, plus request cancellation and 400s for invalid bodies). ``args`` keys are
   its own flags (``n_ctx``, ``n_threads``, ``n_gpu_layers``, ``chat_format``, ...; ``threads`` is
   accepted for ``n_threads``). It has no ``/health``: probe ``engine_health_path("llama-cpp")``
   (``/v1/models``), which answers once the model is loaded (it loads before the server listens).
 - ``faster-whisper``: ``python -m llmux.engines.whisper`` (``device``, ``compute_type``,
   ``threads``, ``beam_size``).
-- ``piper``: ``python -m llmux.engines.piper`` (``speaker``, ``use_cuda``, ``config``).
+- ``piper``: ``python -m llmux.engines.piper`` (``speaker``, ``use_cuda``, ``config``,
+  ``max_input_chars``).
+
+Every engine's child stops the work of a request whose client disconnects, and serves
+``POST /llmux/cancel/{request_id}`` for requests sent with ``X-Llmux-Request-Id``
+(``engine_cancel_path``; the contract is in ``llmux.engines._cancel`` and docs/engines.md).
 
 Everything here comes from config, never from a request.
 """
@@ -28,8 +34,10 @@ from llmux.engines.packaged import EngineError, packaged_names, resolve_model
 __all__ = [
     "ENGINES",
     "PORT_PLACEHOLDER",
+    "REQUEST_ID_HEADER",
     "EngineError",
     "engine_argv",
+    "engine_cancel_path",
     "engine_env",
     "engine_health_path",
     "packaged_names",
@@ -38,6 +46,9 @@ __all__ = [
 
 PORT_PLACEHOLDER = "${PORT}"
 HOST = "127.0.0.1"
+REQUEST_ID_HEADER = "X-Llmux-Request-Id"
+"""The header that names a request for ``engine_cancel_path`` (any opaque text)."""
+CANCEL_PATH = "/llmux/cancel/{request_id}"
 
 ENGINES = ("llama-cpp", "faster-whisper", "piper")
 
@@ -158,6 +169,7 @@ _PIPER_ARGS: dict[str, _Render] = {
     "config": _str,
     "speaker": _int_or_str,
     "use_cuda": _bool,
+    "max_input_chars": _int,
 }
 
 _ALLOWED: dict[str, dict[str, _Render]] = {
@@ -208,6 +220,17 @@ def engine_env(engine: str, environ: Mapping[str, str]) -> dict[str, str]:
     if engine != "llama-cpp":
         return dict(environ)
     return {k: v for k, v in environ.items() if k.lower() not in _LLAMA_CPP_ENV}
+
+
+def engine_cancel_path(engine: str) -> str | None:
+    """The POST path template (``{request_id}`` to fill in) that cancels a request in progress
+    on the engine's child, or None if the engine has none.
+
+    The request must have been sent with ``X-Llmux-Request-Id: <request_id>``. The child answers
+    200 ``{"id", "found", "stopped"}`` once the request's work has stopped (at most 10 s later).
+    """
+    _check_engine(engine)
+    return CANCEL_PATH
 
 
 def engine_health_path(engine: str) -> str:
@@ -264,7 +287,7 @@ def engine_argv(engine: str, model: str, args: dict[str, Any]) -> list[str]:
         return [
             python,
             "-m",
-            "llama_cpp.server",
+            "llmux.engines.llama",
             "--model",
             str(path),
             "--host",

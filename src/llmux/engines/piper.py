@@ -1,13 +1,17 @@
 """An OpenAI-shaped text-to-speech server around piper-tts, run as one model's child.
 
     python -m llmux.engines.piper --model VOICE.onnx [--config VOICE.onnx.json] --port N
-        [--host 127.0.0.1] [--speaker NAME_OR_ID] [--use-cuda]
+        [--host 127.0.0.1] [--speaker NAME_OR_ID] [--use-cuda] [--max-input-chars 4096]
 
 The voice loads before the server listens, so ``GET /health`` answers 200 only once it is loaded.
 ``POST /v1/audio/speech`` takes OpenAI's JSON (``input``, ``voice``, ``speed``,
 ``response_format``; ``model`` and ``instructions`` are ignored) and streams the audio as it is
-synthesized, sentence by sentence: a blocking worker thread runs ``voice.synthesize`` and hands
-each chunk to the response through a queue.
+synthesized, sentence by sentence. The text is phonemized (espeak-ng) and the first sentence
+synthesized before the headers go out, so input the voice cannot speak (NUL, lone surrogates,
+nothing pronounceable, longer than ``--max-input-chars``) is a 400 and a failure there a 500
+envelope; a failure later cuts the connection, logged once. Each sentence (a long one split at
+word boundaries) runs in a thread of its own call; between them the synthesis stops when its
+client disconnects or ``POST /llmux/cancel/{X-Llmux-Request-Id}`` cancels it (``_cancel``).
 
 Formats: ``wav`` (a streaming header whose sizes say "unknown", 0xFFFFFFFF, then 16-bit mono PCM)
 and ``pcm`` (raw 16-bit little-endian mono at 24 kHz like OpenAI's, resampled from the voice's
@@ -21,7 +25,6 @@ are OpenAI's envelope.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import importlib.util
 import json
@@ -32,17 +35,21 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
+from llmux.engines._cancel import CancelMiddleware, Work, work_of
 from llmux.engines._errors import exception_handlers
 from llmux.errors import InvalidRequest
 
@@ -247,6 +254,20 @@ class _Encoder:
             self._container.close()
 
 
+MAX_INPUT_CHARS = 4096
+"""OpenAI's own limit on ``input``; ``--max-input-chars`` changes it."""
+MAX_PIECE_PHONEMES = 256
+"""The longest run of phonemes synthesized in one go. A longer sentence is split at the last word
+boundary before it, so that a cancel waits for at most one piece (about a second on a laptop
+core) and a pathological one-sentence input cannot hold the voice for minutes."""
+
+
+class InputTooLong(InvalidRequest):
+    """``input`` is longer than the engine accepts (OpenAI's code for it)."""
+
+    code = "string_above_max_length"
+
+
 @dataclass(frozen=True)
 class SpeechJob:
     text: str
@@ -255,8 +276,21 @@ class SpeechJob:
     response_format: str
 
 
+def _split(phonemes: list[str], limit: int) -> list[list[str]]:
+    """``phonemes`` of one sentence in pieces of at most ``limit``, cut after a space if any."""
+    pieces: list[list[str]] = []
+    rest = phonemes
+    while len(rest) > limit:
+        cut = max((i + 1 for i, p in enumerate(rest[:limit]) if p == " "), default=limit)
+        pieces.append(rest[:cut])
+        rest = rest[cut:]
+    if rest:
+        pieces.append(rest)
+    return pieces
+
+
 class Speaker:
-    """Owns the loaded voice; ``stream`` is blocking and runs in the worker thread."""
+    """Owns the loaded voice. ``phonemize`` and ``audio`` are blocking: run them in a thread."""
 
     def __init__(
         self,
@@ -264,6 +298,7 @@ class Speaker:
         *,
         names: Sequence[str],
         default_speaker: int | str | None = None,
+        max_piece_phonemes: int = MAX_PIECE_PHONEMES,
     ) -> None:
         self.voice = voice
         config = voice.config
@@ -276,6 +311,7 @@ class Speaker:
         self.encoders = available_encoders()
         self.pcm_rate = PCM_RATE if importlib.util.find_spec("av") is not None else self.sample_rate
         """The rate of ``pcm`` answers: OpenAI's 24 kHz when PyAV can resample."""
+        self.max_piece_phonemes = max_piece_phonemes
 
     def _speaker(self, value: int | str) -> int:
         if isinstance(value, str) and value in self.speakers:
@@ -303,8 +339,36 @@ class Speaker:
             param="voice",
         )
 
-    def stream(self, job: SpeechJob, stop: threading.Event) -> Iterator[bytes]:
-        """The response body, chunk by chunk, as the voice synthesizes it."""
+    def phonemize(self, text: str) -> list[list[str]]:
+        """The phonemes to synthesize, in pieces (sentences, long ones split); a 400 if none.
+
+        espeak-ng runs here, before any byte of the answer: input it cannot take is a clean 400.
+        """
+        try:
+            sentences = self.voice.phonemize(text)
+        except (ValueError, UnicodeError) as e:  # espeak-ng refused the text itself
+            raise InvalidRequest(
+                f"'input' cannot be spoken by this voice ({type(e).__name__}: {e}).",
+                param="input",
+            ) from None
+        pieces = [p for s in sentences if s for p in _split(s, self.max_piece_phonemes)]
+        if not any(p.strip() for piece in pieces for p in piece):
+            raise InvalidRequest(
+                "'input' has nothing this voice can speak (no words it can pronounce).",
+                param="input",
+            )
+        return pieces
+
+    def audio(
+        self,
+        job: SpeechJob,
+        pieces: Sequence[list[str]],
+        stop: threading.Event,
+        progress: Callable[[], None] | None = None,
+    ) -> Generator[bytes, None, None]:
+        """The audio of ``pieces`` in ``job``'s format, one chunk per piece, then the encoder's
+        tail; stops (returns) between pieces once ``stop`` is set. A ``wav`` header is not part
+        of it. Drive it with ``next`` in a thread, one piece per call."""
         from piper import SynthesisConfig
 
         syn_config = SynthesisConfig(speaker_id=job.speaker_id, length_scale=job.length_scale)
@@ -315,25 +379,55 @@ class Speaker:
             transform = _Encoder(job.response_format, codec, self.sample_rate)
         elif job.response_format == "pcm" and self.pcm_rate != self.sample_rate:
             transform = _Resampler(self.sample_rate, self.pcm_rate)
-        elif job.response_format == "wav":
-            yield wav_header(self.sample_rate)
         try:
-            for chunk in self.voice.synthesize(job.text, syn_config=syn_config):
+            for phonemes in pieces:
                 if stop.is_set():
                     return
-                pcm: bytes = chunk.audio_int16_bytes
-                data = transform.convert(pcm) if transform else pcm
-                if data:
-                    yield data
-            tail = transform.finish() if transform else b""
-            if tail:
-                yield tail
+                pcm = self._synthesize(phonemes, syn_config)
+                if progress is not None:
+                    progress()
+                yield transform.convert(pcm) if transform else pcm
+            if transform and not stop.is_set():
+                yield transform.finish()
         finally:
             if transform:
                 transform.close()
 
+    def _synthesize(self, phonemes: list[str], syn_config: Any) -> bytes:
+        """16-bit PCM of one piece, as ``PiperVoice.synthesize`` makes it for one sentence."""
+        import numpy as np
 
-def parse_speech(body: Any, speaker: Speaker) -> SpeechJob:
+        ids = self.voice.phonemes_to_ids(phonemes)
+        audio = self.voice.phoneme_ids_to_audio(ids, syn_config)
+        if isinstance(audio, tuple):  # (audio, alignments) from voices that give them
+            audio = audio[0]
+        if syn_config.normalize_audio:
+            peak = float(np.max(np.abs(audio))) if len(audio) else 0.0
+            audio = np.zeros_like(audio) if peak < 1e-8 else audio / peak
+        if syn_config.volume != 1.0:
+            audio = audio * syn_config.volume
+        clipped = np.clip(audio, -1.0, 1.0)
+        return bytes((clipped * 32767).astype("<i2").tobytes())
+
+
+def _check_input(text: str, max_chars: int) -> None:
+    """What espeak-ng cannot take at all, and what is too long, is a 400 up front."""
+    if len(text) > max_chars:
+        raise InputTooLong(
+            f"'input' is {len(text)} characters long; the most this voice accepts is {max_chars}.",
+            param="input",
+        )
+    for i, ch in enumerate(text):
+        # NUL ends espeak-ng's C string; a lone surrogate (JSON "\ud800") has no UTF-8 form.
+        if ch == "\x00" or "\ud800" <= ch <= "\udfff":
+            raise InvalidRequest(
+                f"'input' contains a character that cannot be spoken: U+{ord(ch):04X} at "
+                f"position {i}.",
+                param="input",
+            )
+
+
+def parse_speech(body: Any, speaker: Speaker, max_chars: int = MAX_INPUT_CHARS) -> SpeechJob:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     text = body.get("input")
@@ -341,6 +435,7 @@ def parse_speech(body: Any, speaker: Speaker) -> SpeechJob:
         raise InvalidRequest("'input' must be a string.", param="input")
     if not text.strip():
         raise InvalidRequest("'input' must not be empty.", param="input")
+    _check_input(text, max_chars)
 
     voice = body.get("voice")
     if voice is not None and not isinstance(voice, str):
@@ -390,60 +485,82 @@ def parse_speech(body: Any, speaker: Speaker) -> SpeechJob:
     )
 
 
-_DONE = object()
+def _next_piece(pieces: Iterator[bytes]) -> bytes | None:
+    return next(pieces, None)
 
 
-async def _run_streaming(
-    executor: ThreadPoolExecutor, produce: Callable[[threading.Event], Iterator[bytes]]
-) -> AsyncGenerator[bytes, None]:
-    """Run the blocking ``produce`` in ``executor``; yield its chunks as they come.
+class SpeechResponse(Response):
+    """Streams one synthesis: waits for the voice, synthesizes the first piece before the headers
+    (so a failure there is still a clean 500 envelope), then one piece at a time, each in a thread
+    that is never abandoned. A failure after the headers is logged once and cuts the connection
+    (returning without the body's end: the server closes it); the client never sees a complete
+    answer that is not one."""
 
-    Closing the iterator (the client went away) tells the worker to stop after its current chunk.
-    An error in the worker is raised here.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[object] = asyncio.Queue()
-    stop = threading.Event()
+    def __init__(
+        self,
+        speaker: Speaker,
+        job: SpeechJob,
+        pieces: list[list[str]],
+        work: Work,
+        lock: anyio.Lock,
+    ) -> None:
+        super().__init__(media_type=MEDIA_TYPES[job.response_format])
+        self.speaker, self.job, self.pieces, self.work, self.lock = speaker, job, pieces, work, lock
+        rate = speaker.pcm_rate if job.response_format == "pcm" else speaker.sample_rate
+        self.headers["X-Sample-Rate"] = str(rate)
+        del self.headers["content-length"]
 
-    def put(item: object) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with self.lock:  # one synthesis at a time; waiting here is cancellable
+            chunks = self.speaker.audio(self.job, self.pieces, self.work.stop, self._progress)
+            try:
+                await self._stream(chunks, scope, receive, send)
+            finally:
+                chunks.close()  # not running: every next() above has returned
 
-    def work() -> None:
-        if stop.is_set():
-            return
+    def _progress(self) -> None:
+        self.work.progress += 1
+
+    async def _stream(
+        self, chunks: Iterator[bytes], scope: Scope, receive: Receive, send: Send
+    ) -> None:
         try:
-            for data in produce(stop):
-                put(data)
-                if stop.is_set():
-                    break
-        except BaseException as e:
-            put(e)
-        finally:
-            put(_DONE)
-
-    future = loop.run_in_executor(executor, work)
-    try:
-        while True:
-            item = await queue.get()
-            if item is _DONE:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            assert isinstance(item, bytes)
-            yield item
-    finally:
-        stop.set()
-        if future.done():
-            future.result()
+            first = await anyio.to_thread.run_sync(_next_piece, chunks)
+        except Exception as e:
+            log.error("speech synthesis failed before any audio: %s: %s", type(e).__name__, e)
+            message = f"Internal error in the piper engine: {type(e).__name__}"
+            error = {"message": message, "type": "server_error", "param": None, "code": None}
+            await JSONResponse({"error": error}, status_code=500)(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        if self.job.response_format == "wav":
+            first = wav_header(self.speaker.sample_rate) + (first or b"")
+        data = first
+        while data is not None:
+            if data:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            try:
+                data = await anyio.to_thread.run_sync(_next_piece, chunks)
+            except Exception as e:
+                log.error(
+                    "speech synthesis failed after the answer started; cutting the connection: "
+                    "%s: %s",
+                    type(e).__name__,
+                    e,
+                )
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 EXCEPTION_HANDLERS = exception_handlers("piper", log)
 
 
-def create_app(speaker: Speaker, model_id: str = "piper") -> Starlette:
+def create_app(
+    speaker: Speaker, model_id: str = "piper", *, max_input_chars: int = MAX_INPUT_CHARS
+) -> Starlette:
     """The ASGI app around an already loaded voice."""
-    # One synthesis at a time: espeak-ng (phonemes) keeps global state.
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piper")
+    # One synthesis at a time: a second would only halve the speed of both.
+    lock = anyio.Lock()
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": model_id})
@@ -456,32 +573,15 @@ def create_app(speaker: Speaker, model_id: str = "piper") -> Starlette:
         return JSONResponse({"voices": speaker.voice_names(), "speakers": speaker.speakers})
 
     async def speech(request: Request) -> Response:
+        work = work_of(request.scope)
         try:
             body = await request.json()
         except ValueError:
             raise InvalidRequest("The request body must be JSON.") from None
-        job = parse_speech(body, speaker)
-        chunks = _run_streaming(executor, lambda stop: speaker.stream(job, stop))
-        # Wait for the first bytes so a failure before any audio is still a clean error.
-        try:
-            first = await anext(chunks)
-        except StopAsyncIteration:
-            first = b""
-
-        async def body_iter() -> AsyncIterator[bytes]:
-            try:
-                if first:
-                    yield first
-                async for data in chunks:
-                    yield data
-            finally:
-                await chunks.aclose()
-
-        rate = speaker.pcm_rate if job.response_format == "pcm" else speaker.sample_rate
-        headers = {"X-Sample-Rate": str(rate)}
-        return StreamingResponse(
-            body_iter(), media_type=MEDIA_TYPES[job.response_format], headers=headers
-        )
+        job = parse_speech(body, speaker, max_input_chars)
+        # espeak-ng (its own lock) before anything is sent: unspeakable input is a 400.
+        pieces = await anyio.to_thread.run_sync(speaker.phonemize, job.text)
+        return SpeechResponse(speaker, job, pieces, work, lock)
 
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -489,7 +589,11 @@ def create_app(speaker: Speaker, model_id: str = "piper") -> Starlette:
         Route("/v1/audio/voices", voices, methods=["GET"]),
         Route("/v1/audio/speech", speech, methods=["POST"]),
     ]
-    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
+    return Starlette(
+        routes=routes,
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[Middleware(CancelMiddleware, log=log)],
+    )
 
 
 def load_voice(model: str, config: str | None, use_cuda: bool) -> Any:
@@ -523,7 +627,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=False,
     )
     parser.add_argument("--model-id", default=None, help="id reported by /v1/models")
+    parser.add_argument(
+        "--max-input-chars",
+        type=int,
+        default=MAX_INPUT_CHARS,
+        help=f"longest 'input' accepted, in characters (default {MAX_INPUT_CHARS}, OpenAI's)",
+    )
     args = parser.parse_args(argv)
+    if args.max_input_chars < 1:
+        parser.error("--max-input-chars must be at least 1")
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     name = os.path.basename(args.model).removesuffix(".onnx")
@@ -542,7 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
-    app = create_app(speaker, args.model_id or name)
+    app = create_app(speaker, args.model_id or name, max_input_chars=args.max_input_chars)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -9,6 +9,10 @@ The model loads before the server listens, so ``GET /health`` answers 200 only o
 json/text/verbose_json/srt/vtt, ``timestamp_granularities[]`` in segment/word). Audio in any format
 PyAV decodes (wav, mp3, ogg, flac, webm, ...). One transcription runs at a time, in a thread.
 Every error is OpenAI's envelope; an unexpected one is a 500 envelope without a traceback.
+
+A transcription stops between segments, before each decoding pass of the model, and before
+decoding and transcribing start, when its client disconnects or
+``POST /llmux/cancel/{X-Llmux-Request-Id}`` cancels it (``_cancel``).
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ import anyio.to_thread
 import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from llmux.engines._cancel import CancelMiddleware, Work, current_work, work_of
 from llmux.engines._errors import exception_handlers
 from llmux.errors import InvalidRequest
 
@@ -180,10 +186,40 @@ class Result:
     words: list[dict[str, Any]] | None
 
 
+class _Checked:
+    """The CTranslate2 model inside a faster-whisper ``WhisperModel``, checking the stop flag of
+    the request it works for before each of its blocking calls.
+
+    Segments come out of faster-whisper window by window (30 s of audio), and one window may be
+    decoded up to six times (its temperature fallbacks); CTranslate2's calls themselves cannot
+    be interrupted. Checking before each call bounds a cancel by one ``generate``, not one
+    window with all its fallbacks."""
+
+    _CHECKED = frozenset({"encode", "generate", "detect_language", "align"})
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._model, name)
+        if name not in self._CHECKED:
+            return attr
+
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            work = current_work()
+            if work is not None:
+                work.check()
+            return attr(*args, **kwargs)
+
+        return checked
+
+
 class Transcriber:
     """Owns the loaded model; ``run`` is blocking and must be called from a thread."""
 
     def __init__(self, model: Any, *, beam_size: int = 5) -> None:
+        if not isinstance(model.model, _Checked):
+            model.model = _Checked(model.model)
         self.model = model
         self.beam_size = beam_size
         self.multilingual = bool(getattr(model.model, "is_multilingual", True))
@@ -204,8 +240,18 @@ class Transcriber:
             raise InvalidAudio("The uploaded file contains no audio samples.", param="file")
         return audio
 
-    def run(self, job: Job) -> Result:
+    def run(self, job: Job, work: Work | None = None) -> Result:
+        """Transcribe ``job``; raise ``Stopped`` as soon as ``work`` is seen stopped (checked
+        before each step and between segments: faster-whisper decodes segments lazily)."""
+
+        def check() -> None:
+            if work is not None:
+                work.check()
+                work.progress += 1
+
+        check()
         audio = self.decode(job.audio)
+        check()
         options: dict[str, Any] = {
             "task": job.task,
             "language": job.language,
@@ -218,7 +264,9 @@ class Transcriber:
         segments_iter, info = self.model.transcribe(audio, **options)
         segments: list[dict[str, Any]] = []
         words: list[dict[str, Any]] = []
+        check()
         for s in segments_iter:
+            check()
             segments.append(
                 {
                     "id": s.id,
@@ -387,8 +435,10 @@ def create_app(transcriber: Transcriber, model_id: str = "whisper") -> Starlette
         return JSONResponse({"object": "list", "data": [entry]})
 
     async def handle(request: Request, task: str) -> Response:
+        work = work_of(request.scope)
         job = await parse_job(request, task, transcriber.multilingual)
-        result = await anyio.to_thread.run_sync(transcriber.run, job, limiter=limiter)
+        # Never abandoned: a cancel waits for the thread, which stops at its next check.
+        result = await anyio.to_thread.run_sync(transcriber.run, job, work, limiter=limiter)
         return render(result, job.response_format)
 
     async def transcriptions(request: Request) -> Response:
@@ -403,7 +453,11 @@ def create_app(transcriber: Transcriber, model_id: str = "whisper") -> Starlette
         Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
         Route("/v1/audio/translations", translations, methods=["POST"]),
     ]
-    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
+    return Starlette(
+        routes=routes,
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[Middleware(CancelMiddleware, log=log)],
+    )
 
 
 def load_model(path: str, device: str, device_index: int, compute_type: str, threads: int) -> Any:
