@@ -25,7 +25,7 @@ import pytest
 
 from llmux.engines import REQUEST_ID_HEADER, engine_cancel_path
 from tests.audio import SENTENCE
-from tests.conftest import require_engine, wait_until
+from tests.conftest import StartServer, require_engine, wait_until
 from tests.test_engines import Server, _start
 
 pytestmark = pytest.mark.engines
@@ -374,3 +374,37 @@ def test_llama_body_that_is_not_json_is_a_400(llama: Server) -> None:
         )
         assert response.status_code == 400, response.text
         assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+# --- through llmux: the relay holds the lease until the engine has stopped -----------------------
+
+
+@pytest.mark.slow
+def test_llmux_keeps_the_model_busy_until_its_work_for_a_gone_client_stopped(
+    start_server: StartServer,
+) -> None:
+    require_engine("piper", "en_US-joe-medium", "piper")
+    server = start_server(
+        "models:\n  voice: {type: tts, engine: piper, model: en_US-joe-medium, vram_gb: 0.3}\n"
+    )
+    client = server.client()
+    client.audio.speech.create(model="voice", voice="alloy", input="Warm up.")
+    with client.audio.speech.with_streaming_response.create(
+        model="voice", voice="alloy", input=LONG_TEXT, response_format="pcm"
+    ) as response:
+        next(response.iter_bytes())
+        assert server.model("voice")["in_flight"] == 1
+    # The client is gone. The model is not idle until the engine says its work stopped, and the
+    # relay logs that before it releases the lease.
+    hung_up = time.monotonic()
+    while server.model("voice")["in_flight"]:
+        assert time.monotonic() - hung_up < 30, "still in flight"
+    took = time.monotonic() - hung_up
+    log = server.log.read_text()
+    assert "client left model=voice" in log
+    assert "stopped its work" in log
+    assert took < STOP_BOUND_S
+    # and the next request is not stuck behind four minutes of speech nobody hears
+    assert (
+        _timed(lambda: client.audio.speech.create(model="voice", voice="alloy", input="Hi.")) < 10
+    )
