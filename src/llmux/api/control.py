@@ -1,5 +1,6 @@
 """The control plane (Starlette): health, status, models, admin load/unload, logs, events,
-metrics and the status page. Thin routes: check the key, call one thing, answer."""
+metrics, the status page and the OpenAPI document. Thin routes: check the key, call one thing,
+answer."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from llmux.api.auth import Access, Authenticator
+from llmux.api.openapi import openapi_document
 from llmux.errors import InvalidRequest, LlmuxError, MethodNotAllowed, NotFound
 from llmux.observe import Observer, SchedulerEvent
 from llmux.scheduling.runtime import Scheduler
@@ -51,7 +53,10 @@ def _flag(request: Request, name: str) -> bool:
 def build_control(scheduler: Scheduler, auth: Authenticator, observer: Observer) -> Starlette:
     def keyed(access: Access, handler: Handler) -> Handler:
         async def checked(request: Request) -> Response:
-            auth.check(access, request.headers.get("authorization"))
+            keys = request.headers.getlist("authorization")
+            if len(keys) > 1:  # the relay refuses the same: no route reads a different one
+                raise InvalidRequest("more than one Authorization header")
+            auth.check(access, keys[0] if keys else None)
             return await handler(request)
 
         return checked
@@ -137,6 +142,16 @@ def build_control(scheduler: Scheduler, auth: Authenticator, observer: Observer)
 
         return StreamingResponse(tail(), media_type="text/plain; charset=utf-8", headers=_NO_CACHE)
 
+    described: list[Any] = [None, b""]  # [the config it was built from, the document]
+
+    async def openapi(_: Request) -> Response:
+        # Built from the config (a reload changes the model ids and bounds it shows), once per
+        # config object.
+        config = scheduler.config
+        if described[0] is not config:
+            described[:] = [config, orjson.dumps(openapi_document(config))]
+        return Response(described[1], media_type="application/json")
+
     page_body, page_headers = status_page()
 
     # A static shell with no data in it: open, so that a browser can load it and then ask for
@@ -165,6 +180,7 @@ def build_control(scheduler: Scheduler, auth: Authenticator, observer: Observer)
         Route("/metrics", keyed(read, metrics), methods=["GET"]),
         Route("/events", keyed(read, events), methods=["GET"]),
         Route("/", page, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
     handlers: dict[Any, Any] = {
         LlmuxError: on_llmux_error,
