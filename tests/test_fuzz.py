@@ -11,7 +11,7 @@ request without its key, or with a wrong one.
 Left out: ``/events`` and ``?follow=true`` logs, which never end by themselves (their start is
 checked in test_openapi.py), and checks of what llmux does not promise: that the model servers
 reject every request the schema calls invalid (llmux reads only ``model``, ``stream`` and a
-speech ``input``; the rest is the model server's to judge), and the ``Allow`` header of a 405.
+speech ``input``; the rest is the model server's to judge). A 405 must carry ``Allow``.
 
 Deterministic by default (a fixed set of cases, so that it cannot fail at random in CI). For a
 longer, random run: ``LLMUX_FUZZ_EXAMPLES=500 pytest tests/test_fuzz.py``.
@@ -33,6 +33,7 @@ from schemathesis.checks import (
     not_a_server_error,
     response_schema_conformance,
     status_code_conformance,
+    unsupported_method,
 )
 
 from llmux.api.relay import RELAY_PATHS
@@ -140,6 +141,7 @@ def test_fuzz(case: Any, fuzzed: Server) -> None:
             content_type_conformance,
             response_schema_conformance,
             ignored_auth,
+            unsupported_method,
             error_envelope,
         ],
     )

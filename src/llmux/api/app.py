@@ -167,7 +167,9 @@ class LlmuxApp:
         if kind == "http" and scope["path"] in RELAY_PATHS:
             if scope["method"] == "POST":
                 return self.relay(scope, receive, send)
-            return send_error(send, MethodNotAllowed(f"use POST for {scope['path']}"))
+            return send_error(
+                send, MethodNotAllowed(f"use POST for {scope['path']}"), ((b"allow", b"POST"),)
+            )
         if kind == "lifespan":
             return self._lifespan(receive, send)
         return self.control(scope, receive, send)

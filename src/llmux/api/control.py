@@ -166,7 +166,9 @@ def build_control(scheduler: Scheduler, auth: Authenticator, observer: Observer)
     async def on_http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 405:
-            return _error_response(MethodNotAllowed("method not allowed on this path"))
+            response = _error_response(MethodNotAllowed("method not allowed on this path"))
+            response.headers.update(exc.headers or {})  # Starlette's Allow: the methods served
+            return response
         return _error_response(NotFound("no such route"))
 
     read, adm = Access.READ, Access.ADMIN

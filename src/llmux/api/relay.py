@@ -75,7 +75,9 @@ _DROP_RESPONSE = frozenset(
 _DROP_RESPONSE_SSE = _DROP_RESPONSE | {"content-length"}
 
 
-async def send_error(send: Send, error: LlmuxError) -> None:
+async def send_error(
+    send: Send, error: LlmuxError, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
     body = orjson.dumps(error.envelope())
     await send(
         {
@@ -84,6 +86,7 @@ async def send_error(send: Send, error: LlmuxError) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
+                *extra,
             ],
         }
     )
