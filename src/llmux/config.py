@@ -69,18 +69,22 @@ class ServerConfig(_Strict):
     """Largest request line plus headers, KiB (1,024 bytes); past it 431, before anything else
     runs (the key is not checked yet)."""
     header_timeout: Seconds = 10.0
-    """A request's line and headers must arrive within this many seconds of their first byte (or
-    of the connection opening); past it 408 and the connection is closed."""
+    """A request's line and headers must arrive within this many seconds of their first byte;
+    past it 408 and the connection is closed. A connection that sends nothing is idle
+    (``idle_timeout``). 0 = no limit."""
     body_timeout: Seconds = 30.0
     """Longest silence, seconds, while a request body is being received; past it 408 and the
-    connection is closed. A slow but moving upload is never cut."""
+    connection is closed. A slow but moving upload is never cut; silence while llmux itself
+    holds the body back (flow control) does not count. 0 = no limit."""
     idle_timeout: Seconds = 30.0
-    """A kept-alive connection with no request for this many seconds is closed. Longer than the
-    keep-alive expiry of common clients (httpx 5 s, aiohttp 15 s), so they drop it first."""
+    """A connection with no request for this many seconds (a kept-alive one, or a new one that
+    sends nothing) is closed, silently. Longer than the keep-alive expiry of common clients
+    (httpx 5 s, aiohttp 15 s), so they drop it first. 0 = no limit."""
     max_connections: int = Field(4096, ge=1)
-    """Open client connections at most; lowered at start to fit the open-file limit. At the cap
-    the longest-idle connection is closed to make room; if none is idle, a new request gets 503,
-    except ``GET /health``."""
+    """Open client connections at most; lowered at start to fit the open-file limit (the soft
+    limit is raised to the hard one; two files per connection, some kept for children). At the
+    cap the longest-idle connection is closed to make room; if none is idle, a new request gets
+    503 ``server_busy``, except ``GET /health``. These five settings apply at start only."""
     state_dir: str | None = None
     """Directory for what llmux learns (``learned.json``: measured peaks, with NVML).
     None = ``$XDG_STATE_HOME/llmux``, or ``~/.local/state/llmux``. Read at start."""

@@ -9,8 +9,8 @@ Nothing branches on message text.
 
     LlmuxError
     ├── InvalidRequest          400 invalid_request_error
-    │   ├── UnsupportedModel    400 invalid_request_error / unsupported_model (wrong type for the route)
-    │   ├── RequestTimeout      408 invalid_request_error / request_timeout (headers or body too slow)
+    │   ├── UnsupportedModel    400 invalid_request_error / unsupported_model (wrong type)
+    │   ├── RequestTimeout      408 invalid_request_error / request_timeout (slow client)
     │   ├── BodyTooLarge        413 invalid_request_error / body_too_large
     │   └── HeadersTooLarge     431 invalid_request_error / headers_too_large
     ├── AuthenticationFailed    401 authentication_error / invalid_api_key
@@ -23,7 +23,7 @@ Nothing branches on message text.
     ├── InsufficientVram        503 insufficient_vram / insufficient_vram
     ├── ModelLoadFailed         503 model_load_failed / model_load_failed
     ├── ModelUnavailable        503 service_unavailable / model_unavailable (shutting down, removed)
-    ├── ServerBusy              503 service_unavailable / server_busy (at server.max_connections)
+    ├── ServerBusy              503 service_unavailable / server_busy (connection cap)
     └── QueueTimeout            504 timeout_error / queue_timeout
 
 ``ConfigError`` is separate: it never reaches a client, it stops ``llmux serve`` and is what

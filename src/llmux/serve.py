@@ -39,6 +39,7 @@ def serve(options: ServeOptions) -> int:
     import uvicorn
 
     from llmux.api.app import LlmuxApp
+    from llmux.api.server import ConnectionLimits, connection_cap, protocol_class, raise_file_limit
     from llmux.backends.process import ProcessLauncher
     from llmux.gpu import open_probe
 
@@ -57,12 +58,24 @@ def serve(options: ServeOptions) -> int:
         watch_path=path if options.watch else None,
         gpu=gpu,
     )
+    # Connections: the cap fits the open-file limit (raised to its hard value first), so that
+    # a flood of connections can never take the files that children and upstreams need.
+    file_limit = raise_file_limit()
+    cap = connection_cap(config.server.max_connections, file_limit, len(config.models))
+    logging.getLogger("llmux").info(
+        "connections: at most %d open (max_connections %d, open-file limit %d)",
+        cap,
+        config.server.max_connections,
+        file_limit,
+    )
     uvicorn.run(
         app,
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        # uvicorn's httptools protocol with the header limit, timeouts and connection cap.
+        http=protocol_class(ConnectionLimits.of(config.server, cap)),
+        ws="none",  # llmux serves no WebSocket; an upgrade is an ordinary request
         lifespan="on",
         interface="asgi3",  # LlmuxApp.__call__ returns a coroutine; it is not one itself
         access_log=False,

@@ -133,6 +133,16 @@ class LlmuxApp:
             log.warning("server.host and server.port changes take effect only after a restart")
         if new.server.state_dir != old.server.state_dir:
             log.warning("a server.state_dir change takes effect only after a restart")
+        held = (
+            "max_header_kb",
+            "header_timeout",
+            "body_timeout",
+            "idle_timeout",
+            "max_connections",
+        )
+        moved = [f"server.{k}" for k in held if getattr(new.server, k) != getattr(old.server, k)]
+        if moved:
+            log.warning("%s: changes take effect only after a restart", ", ".join(moved))
         added = sorted(set(new.models) - set(old.models))
         removed = sorted(set(old.models) - set(new.models))
         changed = sorted(
