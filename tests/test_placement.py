@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
 from llmux.config import parse_config
@@ -127,13 +128,23 @@ models:
 """
     server = start_server(cfg)
     client = server.client()
+
+    def speak() -> None:
+        client.audio.speech.create(model="voice", voice="alloy", input="hi", response_format="pcm")
+
+    def served(name: str) -> int:
+        count: int = httpx.get(server.upstream(name) + "/_stats", timeout=10).json()["requests"]
+        return count
+
     assert chat(client, "chat") == "chat got chat"
-    assert chat(client, "voice") == "voice-cpu got voice"  # no room without evicting chat
+    speak()
+    assert served("voice-cpu") == 1  # no room without evicting chat
     voice = server.model("voice")
     assert voice["placement"] == "cpu"
     assert server.model("chat")["state"] == "ready"  # not evicted
     assert server.status()["vram"]["reserved_gb"] == 2
     server.post("/models/voice/unload")
     server.post("/models/chat/unload")
-    assert chat(client, "voice") == "voice-gpu got voice"  # room now: the GPU
+    speak()
+    assert served("voice-gpu") == 1  # room now: the GPU
     assert server.model("voice")["placement"] == "gpu"
