@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmux.cli import default_config_text
-from llmux.config import Config, parse_config, parse_duration
+from llmux.config import Config, default_config_text, parse_config, parse_duration
 from llmux.errors import ConfigError
 from llmux.scheduling.learned import state_dir
 

@@ -9,13 +9,12 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from importlib import resources
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import quote
 
 import yaml
 
-from llmux.config import Config, load_config
+from llmux.config import Config, default_config_text, load_config, print_config_error
 from llmux.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -25,10 +24,6 @@ if TYPE_CHECKING:
     from rich.text import Text
 
 DEFAULT_URL = "http://127.0.0.1:8080"
-
-
-def default_config_text() -> str:
-    return resources.files("llmux").joinpath("default.yaml").read_text(encoding="utf-8")
 
 
 def _resolved_yaml(config: Config) -> str:
@@ -57,12 +52,6 @@ def _serve(args: argparse.Namespace) -> int:
 def _read(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         return f.read()
-
-
-def print_config_error(exc: ConfigError) -> None:
-    print(f"{exc.source}: invalid config", file=sys.stderr)
-    for problem in exc.problems:
-        print(f"  - {problem}", file=sys.stderr)
 
 
 def _check_config(args: argparse.Namespace) -> int:

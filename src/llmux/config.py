@@ -8,7 +8,9 @@ The config is passed in through constructors; nothing here is global.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -312,3 +314,22 @@ def load_config(path: str | Path) -> Config:
     except OSError as exc:
         raise ConfigError([f"cannot read {p}: {exc.strerror}"], str(p)) from None
     return parse_config(text, str(p))
+
+
+def default_config_text() -> str:
+    """The built-in config (``llmux serve`` without ``--config``): the packaged models."""
+    return resources.files("llmux").joinpath("default.yaml").read_text(encoding="utf-8")
+
+
+def read_config(path: str | None) -> Config:
+    """The config file at ``path``, or the built-in one for None. Raises ConfigError."""
+    if path is None:
+        return parse_config(default_config_text(), "built-in default")
+    return load_config(path)
+
+
+def print_config_error(exc: ConfigError) -> None:
+    """Every problem of an invalid config, one per line, on stderr."""
+    print(f"{exc.source}: invalid config", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  - {problem}", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from llmux.config import Config, load_config, parse_config
+from llmux.config import print_config_error, read_config
 from llmux.errors import ConfigError
 from llmux.logs import setup_logging
 
@@ -20,17 +20,7 @@ class ServeOptions:
     watch: bool = False
 
 
-def read_config(path: str | None) -> Config:
-    if path is None:
-        from llmux.cli import default_config_text
-
-        return parse_config(default_config_text(), "built-in default")
-    return load_config(path)
-
-
 def serve(options: ServeOptions) -> int:
-    from llmux.cli import print_config_error
-
     try:
         config = read_config(options.config_path)
     except ConfigError as exc:
