@@ -269,12 +269,6 @@ def _key(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def _is_branch(part: int | str) -> bool:
-    if not isinstance(part, str):
-        return False
-    return part.startswith("function-") or "[" in part or part in {"float", "str", "int"}
-
-
 def parse_config(text: str, source: str = "config") -> Config:
     """Parse and validate YAML text. Raises ConfigError naming each bad key and its line."""
     try:
