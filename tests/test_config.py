@@ -77,6 +77,38 @@ models:
         ("models: [1, 2\n", "not valid YAML"),
         ("- 1\n", "expected a mapping"),
         ("models:\n  m: {type: llm, vram_gb: 1, engine: piper}\n", "needs 'model'"),
+        (
+            "models:\n  m:\n    type: llm\n    engine: llama-cpp\n    model: m.gguf\n"
+            "    vram_gb: 1\n    args:\n      n_ctx: 2.5\n",
+            "models.m.args.n_ctx (line 8): must be an integer, not 2.5",
+        ),
+        (
+            "models:\n  m:\n    type: asr\n    engine: faster-whisper\n    model: w\n"
+            "    vram_gb: 1\n    args: {device: cuda}\n    cpu_fallback:\n"
+            "      args: {device: gpu, beam: 1}\n",
+            "models.m.cpu_fallback.args.device (line 9): must be cpu, cuda or auto, not 'gpu'",
+        ),
+        (
+            "models:\n  m:\n    type: asr\n    engine: faster-whisper\n    model: w\n"
+            "    vram_gb: 1\n    args: {device: cuda}\n    cpu_fallback:\n"
+            "      args: {device: gpu, beam: 1}\n",
+            "models.m.cpu_fallback.args.beam (line 9): unknown option; allowed: beam_size, "
+            "compute_type, device, device_index, threads",
+        ),
+        (
+            "models:\n  m:\n    type: llm\n    engine: llama-cpp\n    model: m.gguf\n"
+            "    vram_gb: 1\n    args: {threads: 4}\n    cpu_fallback: {args: {n_threads: 2}}\n",
+            "models.m.cpu_fallback.args (line 8): threads and n_threads name the same option",
+        ),
+        (
+            "models:\n  m:\n    type: llm\n    vram_gb: 1\n    cmd: x\n    args: {n_ctx: 4}\n",
+            "models.m.args (line 6): 'args' is for built-in engines",
+        ),
+        (
+            "models:\n  m:\n    type: llm\n    vram_gb: 1\n    cmd: x\n"
+            "    cpu_fallback: {args: {n_ctx: 4}}\n",
+            "models.m.cpu_fallback (line 6): cpu_fallback for a 'cmd' model takes 'cmd'",
+        ),
     ],
 )
 def test_errors_name_the_key(text: str, expected: str) -> None:
@@ -138,3 +170,84 @@ def test_check_config_cli(tmp_path: Path) -> None:
     )
     assert missing.returncode == 2
     assert "cannot read" in missing.stderr
+
+
+# The issue's example: a Piper voice with a misspelt option and a string for a boolean.
+BAD_VOICE = """\
+models:
+  voice:
+    type: tts
+    engine: piper
+    model: en_US-joe-medium
+    vram_gb: 0.3
+    args: {speeker: 3, use_cuda: "yes"}
+"""
+BAD_VOICE_PROBLEMS = [
+    "models.voice.args.speeker (line 7): unknown option; "
+    "allowed: config, max_input_chars, speaker, use_cuda",
+    "models.voice.args.use_cuda (line 7): must be true or false, not 'yes'",
+]
+
+
+def test_engine_args_are_checked_when_the_config_loads() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(BAD_VOICE)
+    assert info.value.problems == BAD_VOICE_PROBLEMS
+
+
+def test_engine_args_are_kept_as_written() -> None:
+    """Valid options stay as the config has them (``threads``, not ``n_threads``): what was
+    launched is fingerprinted from them, and check-config prints them back."""
+    cfg = parse_config(
+        """
+models:
+  llm:
+    type: llm
+    engine: llama-cpp
+    model: m.gguf
+    vram_gb: 1
+    args: {threads: 2, n_ctx: 4096, tensor_split: [1, 1], chat_template_kwargs: {a: [1]}}
+    cpu_fallback: {args: {threads: 1, n_gpu_layers: 0}}
+  asr:
+    type: asr
+    engine: faster-whisper
+    model: w
+    vram_gb: 1
+    args: {device: cuda, compute_type: float16, beam_size: 1}
+    cpu_fallback: {args: {device: cpu, compute_type: int8}}
+  tts: {type: tts, engine: piper, model: v.onnx, vram_gb: 0.3, args: {speaker: 0, use_cuda: true}}
+"""
+    )
+    llm = cfg.models["llm"]
+    assert llm.args == {
+        "threads": 2,
+        "n_ctx": 4096,
+        "tensor_split": [1, 1],
+        "chat_template_kwargs": {"a": [1]},
+    }
+    assert llm.cpu_fallback is not None
+    assert llm.cpu_fallback.args == {"threads": 1, "n_gpu_layers": 0}
+    assert cfg.models["tts"].args == {"speaker": 0, "use_cuda": True}
+
+
+def _llmux(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llmux", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,  # a `serve` that did not refuse would run until this kills it
+        check=False,
+    )
+
+
+def test_check_config_and_serve_refuse_bad_engine_args(tmp_path: Path) -> None:
+    bad = tmp_path / "voice.yaml"
+    bad.write_text(BAD_VOICE)
+    expected = [f"{bad}: invalid config", *(f"  - {p}" for p in BAD_VOICE_PROBLEMS)]
+    check = _llmux("check-config", str(bad))
+    assert check.returncode == 2
+    assert check.stderr.splitlines() == expected
+    assert check.stdout == ""
+    serve = _llmux("serve", "--config", str(bad), "--port", "0")
+    assert serve.returncode == 2
+    assert serve.stderr.splitlines() == expected

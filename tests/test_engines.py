@@ -32,8 +32,12 @@ from openai import OpenAI
 
 from llmux.backends.process import free_port
 from llmux.engines import (
+    ENGINE_ARGS,
+    ENGINES,
     PORT_PLACEHOLDER,
     EngineError,
+    InvalidArgs,
+    check_args,
     engine_argv,
     engine_env,
     engine_health_path,
@@ -405,15 +409,22 @@ def test_wav_is_readable_by_wave_module(spoken: bytes) -> None:
 
 
 def _resolve_without_site_packages(engine: str, name: str) -> str:
-    """resolve_model in a Python that sees no installed packages (-S): every package missing."""
+    """resolve_model in a Python where no packaged model's package can be found (an import
+    finder that says "not installed" for them comes first): every package missing."""
     code = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "from llmux.engines.packaged import EngineError, resolve_model\n"
+        "from llmux.engines.packaged import PACKAGED_MODELS, EngineError, resolve_model\n"
+        "hidden = {m.module for m in PACKAGED_MODELS.values()}\n"
+        "class NotInstalled:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] in hidden:\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, NotInstalled())\n"
         "try:\n    resolve_model(sys.argv[2], sys.argv[3])\n"
         "except EngineError as e:\n    print(e)\n"
     )
     out = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", code, str(SRC), engine, name],
+        [sys.executable, "-I", "-c", code, str(SRC), engine, name],
         capture_output=True,
         text=True,
         check=True,
@@ -503,6 +514,182 @@ def test_engine_argv_rejects_bad_args(tmp_path: Path) -> None:
         engine_argv("faster-whisper", str(tmp_path), {"beam": 1})
     with pytest.raises(EngineError, match="unknown engine"):
         engine_argv("vllm", str(gguf), {})
+
+
+# Every option of every engine: a value (not the default) and what the child's argv must carry.
+OPTIONS: dict[str, dict[str, tuple[Any, list[str]]]] = {
+    "llama-cpp": {
+        "model_alias": ("chat", ["chat"]),
+        "n_gpu_layers": (-1, ["-1"]),
+        "split_mode": (2, ["2"]),
+        "main_gpu": (1, ["1"]),
+        "tensor_split": ([3, 1.5], ["3.0", "1.5"]),
+        "use_mmap": (False, ["false"]),
+        "use_mlock": (True, ["true"]),
+        "kv_overrides": (["a.b=int:1", "c=bool:true"], ["a.b=int:1", "c=bool:true"]),
+        "seed": (7, ["7"]),
+        "n_ctx": (4096, ["4096"]),
+        "n_batch": (256, ["256"]),
+        "n_ubatch": (128, ["128"]),
+        "n_threads": (3, ["3"]),
+        "n_threads_batch": (1, ["1"]),
+        "rope_scaling_type": (1, ["1"]),
+        "rope_freq_base": (10000, ["10000.0"]),
+        "rope_freq_scale": (0.5, ["0.5"]),
+        "flash_attn": (True, ["true"]),
+        "offload_kqv": (False, ["false"]),
+        "embedding": (True, ["true"]),
+        "logits_all": (False, ["false"]),
+        "last_n_tokens_size": (32, ["32"]),
+        "lora_base": ("/m/base.gguf", ["/m/base.gguf"]),
+        "lora_path": ("/m/lora.gguf", ["/m/lora.gguf"]),
+        "chat_format": ("chatml", ["chatml"]),
+        "chat_template_kwargs": ({"think": False, "n": [1]}, ['{"think": false, "n": [1]}']),
+        "clip_model_path": ("/m/clip.gguf", ["/m/clip.gguf"]),
+        "cache": (True, ["true"]),
+        "cache_type": ("disk", ["disk"]),
+        "cache_size": (1024, ["1024"]),
+        "type_k": (8, ["8"]),
+        "type_v": (8, ["8"]),
+        "draft_model": ("prompt-lookup-decoding", ["prompt-lookup-decoding"]),
+        "draft_model_num_pred_tokens": (4, ["4"]),
+        "verbose": (False, ["false"]),
+        "interrupt_requests": (True, ["true"]),
+        "disable_ping_events": (True, ["true"]),
+    },
+    "faster-whisper": {
+        "device": ("cuda", ["cuda"]),
+        "device_index": (1, ["1"]),
+        "compute_type": ("float16", ["float16"]),
+        "threads": (4, ["4"]),
+        "beam_size": (1, ["1"]),
+    },
+    "piper": {
+        "config": ("/v/voice.onnx.json", ["/v/voice.onnx.json"]),
+        "speaker": ("alice", ["alice"]),
+        "use_cuda": (True, ["true"]),
+        "max_input_chars": (10000, ["10000"]),
+    },
+}
+
+
+def _model_path(engine: str, tmp_path: Path) -> Path:
+    """An existing path of the right kind (empty: nothing can load it)."""
+    if engine == "faster-whisper":
+        (tmp_path / "ct2").mkdir(exist_ok=True)
+        return tmp_path / "ct2"
+    path = tmp_path / ("m.gguf" if engine == "llama-cpp" else "v.onnx")
+    path.write_bytes(b"")
+    return path
+
+
+def _flag_values(argv: list[str]) -> dict[str, list[str]]:
+    """``--flag v1 v2 --other v`` -> {"--flag": ["v1", "v2"], "--other": ["v"]} (after -m X)."""
+    flags: dict[str, list[str]] = {}
+    current = ""
+    for token in argv[3:]:
+        if token.startswith("--"):
+            assert token not in flags, f"{token} twice in {argv}"
+            current = token
+            flags[current] = []
+        else:
+            flags[current].append(token)
+    return flags
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_option_round_trips_to_the_argv(engine: str, tmp_path: Path) -> None:
+    options = OPTIONS[engine]
+    assert set(options) == set(ENGINE_ARGS[engine].model_fields), "an option without a case here"
+    model = _model_path(engine, tmp_path)
+    values = {name: value for name, (value, _) in options.items()}
+    argv = engine_argv(engine, str(model), values)
+    kebab = engine != "llama-cpp"
+    expected = {
+        "--model": [str(model)],
+        "--host": ["127.0.0.1"],
+        "--port": [PORT_PLACEHOLDER],
+        **{"--" + (n.replace("_", "-") if kebab else n): out for n, (_, out) in options.items()},
+    }
+    assert _flag_values(argv) == expected
+    # The typed options are what the config holds, and give the same argv.
+    typed = check_args(engine, values)
+    assert typed.model_dump() == values
+    assert engine_argv(engine, str(model), typed) == argv
+
+
+def test_llama_cpp_server_reads_every_option_back(tmp_path: Path) -> None:
+    """llama_cpp.server's own parser (as ``llmux.engines.llama`` builds it) gets every value."""
+    require_engine("llama-cpp", "smollm2-135m", "llama_cpp")
+    import argparse
+
+    from llama_cpp.server.cli import add_args_from_model, parse_model_from_args
+    from llama_cpp.server.settings import ModelSettings, ServerSettings, Settings
+
+    values = {name: value for name, (value, _) in OPTIONS["llama-cpp"].items()}
+    argv = engine_argv("llama-cpp", str(_model_path("llama-cpp", tmp_path)), values)
+    parser = argparse.ArgumentParser()
+    add_args_from_model(parser, Settings)
+    parsed = parser.parse_args([a.replace(PORT_PLACEHOLDER, "0") for a in argv[3:]])
+    model_settings = parse_model_from_args(ModelSettings, parsed)
+    server_settings = parse_model_from_args(ServerSettings, parsed)
+    for name, value in values.items():
+        settings = server_settings if name in ServerSettings.model_fields else model_settings
+        assert getattr(settings, name) == value, name
+
+
+@pytest.mark.parametrize("engine", ["faster-whisper", "piper"])
+def test_engine_child_takes_every_option(engine: str, tmp_path: Path) -> None:
+    """The child parses the whole argv and goes on to load the (empty, so unloadable) model:
+    no flag or value is refused by its argument parser (which exits 2 with a usage line)."""
+    values = {name: value for name, (value, _) in OPTIONS[engine].items()}
+    argv = engine_argv(engine, str(_model_path(engine, tmp_path)), values)
+    out = subprocess.run(
+        [a.replace(PORT_PLACEHOLDER, "0") for a in argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""},
+        check=False,
+    )
+    assert out.returncode == 1, out.stderr
+    assert "cannot load" in out.stderr, out.stderr
+    assert "usage:" not in out.stderr
+
+
+def test_engine_options_are_typed_strictly(tmp_path: Path) -> None:
+    """What the command line could not carry as meant is refused, each bad key named."""
+    voice = str(_model_path("piper", tmp_path))
+    with pytest.raises(InvalidArgs) as info:
+        engine_argv("piper", voice, {"speeker": 3, "use_cuda": "yes"})
+    assert [p.key for p in info.value.problems] == ["speeker", "use_cuda"]
+    assert "args.use_cuda must be true or false, not 'yes'" in str(info.value)
+    gguf = str(_model_path("llama-cpp", tmp_path))
+    bad_options: list[dict[str, Any]] = [
+        {"n_ctx": 2.5},
+        {"n_ctx": True},
+        {"n_ctx": None},
+        {"rope_freq_base": "1e4"},
+        {"tensor_split": []},
+        {"kv_overrides": "a=int:1"},
+        {"chat_format": ""},
+        {"cache_type": "cloud"},
+        {"threads": 2, "n_threads": 2},
+    ]
+    for bad in bad_options:
+        with pytest.raises(InvalidArgs) as info:
+            engine_argv("llama-cpp", gguf, bad)
+        assert [p.key for p in info.value.problems] == ([*bad] if len(bad) == 1 else [None])
+    folder = str(_model_path("faster-whisper", tmp_path))
+    with pytest.raises(InvalidArgs, match=r"args\.device must be cpu, cuda or auto, not 'gpu'"):
+        engine_argv("faster-whisper", folder, {"device": "gpu"})
+    with pytest.raises(InvalidArgs, match="max_input_chars must be an integer of at least 1"):
+        engine_argv("piper", voice, {"max_input_chars": 0})
+    # Aliases and the defaults llmux passes.
+    argv = engine_argv("llama-cpp", gguf, {"threads": 2})
+    assert _flag_values(argv)["--n_threads"] == ["2"]
+    assert _flag_values(engine_argv("piper", voice, {"speaker": 3}))["--speaker"] == ["3"]
+    assert set(_flag_values(engine_argv("piper", voice, {}))) == {"--model", "--host", "--port"}
 
 
 def test_engine_env_drops_llama_cpp_settings() -> None:

@@ -15,8 +15,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from llmux.engines.args import InvalidArgs, check_args
 from llmux.errors import ConfigError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -116,7 +127,8 @@ class CpuFallback(_Strict):
     which beats evicting (and later reloading) an LLM. Placement is decided at each load."""
 
     args: dict[str, Any] = {}
-    """Engines: options merged over ``args`` for the CPU (e.g. ``{device: cpu}``)."""
+    """Engines: options merged over ``args`` for the CPU (e.g. ``{device: cpu}``); checked
+    like ``args``."""
     cmd: str | None = None
     """``cmd`` models: the whole command line for the CPU (``${PORT}`` filled in as usual)."""
 
@@ -132,7 +144,8 @@ class ModelConfig(_Strict):
     model: str | None = None
     """For engines: a path, or the name of a packaged model."""
     args: dict[str, Any] = {}
-    """Engine options (threads, device, compute type, context size...)."""
+    """Engine options (threads, device, compute type, context size...), checked against the
+    engine's typed options (``llmux.engines.args``) and kept as written."""
     env: dict[str, str] = {}
     """Extra environment variables for the child."""
     health: str = "/health"
@@ -155,6 +168,37 @@ class ModelConfig(_Strict):
     cpu_fallback: CpuFallback | None = None
     """If set, a load that would have to evict (or wait) runs on the CPU instead, without VRAM."""
 
+    @field_validator("args")
+    @classmethod
+    def _engine_options(cls, args: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "engine" not in info.data:
+            return args  # the engine itself is wrong; that is the error
+        engine = info.data["engine"]
+        if engine is not None:
+            _check_args(engine, args, ())
+        elif args and info.data.get("cmd") is not None:
+            raise ValueError(
+                "'args' is for built-in engines; a 'cmd' model has its options in 'cmd'"
+            )
+        return args
+
+    @field_validator("cpu_fallback")
+    @classmethod
+    def _fallback_options(
+        cls, fallback: CpuFallback | None, info: ValidationInfo
+    ) -> CpuFallback | None:
+        if fallback is None or not fallback.args or "engine" not in info.data:
+            return fallback
+        engine = info.data["engine"]
+        if engine is None:
+            if info.data.get("cmd") is not None:
+                raise ValueError("cpu_fallback for a 'cmd' model takes 'cmd', not 'args'")
+            return fallback
+        _check_args(engine, fallback.args, ("args",))
+        if "args" in info.data:  # as launched: merged over the model's own args
+            _check_args(engine, {**info.data["args"], **fallback.args}, ("args",))
+        return fallback
+
     @model_validator(mode="after")
     def _one_launcher(self) -> ModelConfig:
         if (self.cmd is None) == (self.engine is None):
@@ -172,6 +216,24 @@ class ModelConfig(_Strict):
     @property
     def default_tier(self) -> str:
         return "llm" if self.type == "embedding" else self.type
+
+
+def _check_args(engine: str, args: Mapping[str, Any], loc: tuple[str, ...]) -> None:
+    """Raise a ValidationError with one entry per bad option, at ``loc`` + its key."""
+    try:
+        check_args(engine, args)
+    except InvalidArgs as exc:
+        raise ValidationError.from_exception_data(
+            "args",
+            [
+                InitErrorDetails(
+                    type=PydanticCustomError("engine_option", "{problem}", {"problem": p.message}),
+                    loc=loc if p.key is None else (*loc, p.key),
+                    input=args if p.key is None else args[p.key],
+                )
+                for p in exc.problems
+            ],
+        ) from None
 
 
 DEFAULT_TIERS = (

@@ -14,6 +14,9 @@ launcher). It runs ``sys.executable`` (the interpreter llmux runs in), never a s
 - ``piper``: ``python -m llmux.engines.piper`` (``speaker``, ``use_cuda``, ``config``,
   ``max_input_chars``).
 
+Each engine's options are a typed model in ``llmux.engines.args`` (``ENGINE_ARGS``): the config
+checks ``args`` against it when it loads, and the flags are derived from it.
+
 Every engine's child stops the work of a request whose client disconnects, and serves
 ``POST /llmux/cancel/{request_id}`` for requests sent with ``X-Llmux-Request-Id``
 (``engine_cancel_path``; the contract is in ``llmux.engines._cancel`` and docs/engines.md).
@@ -23,19 +26,30 @@ Everything here comes from config, never from a request.
 
 from __future__ import annotations
 
-import json
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from llmux.engines.args import (
+    ENGINE_ARGS,
+    EngineArgs,
+    InvalidArgs,
+    LlamaCppArgs,
+    PiperArgs,
+    check_args,
+)
 from llmux.engines.packaged import EngineError, packaged_names, resolve_model
 
 __all__ = [
     "ENGINES",
+    "ENGINE_ARGS",
     "PORT_PLACEHOLDER",
     "REQUEST_ID_HEADER",
+    "EngineArgs",
     "EngineError",
+    "InvalidArgs",
+    "check_args",
     "engine_argv",
     "engine_cancel_path",
     "engine_env",
@@ -51,141 +65,18 @@ REQUEST_ID_HEADER = "X-Llmux-Request-Id"
 CANCEL_PATH = "/llmux/cancel/{request_id}"
 
 ENGINES = ("llama-cpp", "faster-whisper", "piper")
-
-_Render = Callable[[str, str, Any], list[str]]
-
-
-def _kind_error(engine: str, key: str, value: Any, expected: str) -> EngineError:
-    return EngineError(f"engine {engine!r}: args.{key} must be {expected}, not {value!r}")
-
-
-def _int(engine: str, key: str, value: Any) -> list[str]:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _kind_error(engine, key, value, "an integer")
-    return [str(value)]
-
-
-def _float(engine: str, key: str, value: Any) -> list[str]:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _kind_error(engine, key, value, "a number")
-    return [repr(float(value))]
-
-
-def _str(engine: str, key: str, value: Any) -> list[str]:
-    if not isinstance(value, str) or not value:
-        raise _kind_error(engine, key, value, "a non-empty string")
-    return [value]
-
-
-def _bool(engine: str, key: str, value: Any) -> list[str]:
-    if not isinstance(value, bool):
-        raise _kind_error(engine, key, value, "true or false")
-    return ["true" if value else "false"]
-
-
-def _float_list(engine: str, key: str, value: Any) -> list[str]:
-    if not isinstance(value, list) or not value:
-        raise _kind_error(engine, key, value, "a list of numbers")
-    return [s for v in value for s in _float(engine, key, v)]
-
-
-def _str_list(engine: str, key: str, value: Any) -> list[str]:
-    if not isinstance(value, list) or not value:
-        raise _kind_error(engine, key, value, "a list of strings")
-    return [s for v in value for s in _str(engine, key, v)]
-
-
-def _json_object(engine: str, key: str, value: Any) -> list[str]:
-    if not isinstance(value, dict):
-        raise _kind_error(engine, key, value, "a mapping")
-    return [json.dumps(value)]
-
-
-def _int_or_str(engine: str, key: str, value: Any) -> list[str]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [str(value)]
-    return _str(engine, key, value)
-
-
-# llama_cpp.server flags (llama_cpp/server/settings.py): the CLI is generated from its pydantic
-# settings, one ``--name value`` per field; bools take true/false, lists take several values.
-_LLAMA_CPP_ARGS: dict[str, _Render] = {
-    "model_alias": _str,
-    "n_gpu_layers": _int,
-    "split_mode": _int,
-    "main_gpu": _int,
-    "tensor_split": _float_list,
-    "use_mmap": _bool,
-    "use_mlock": _bool,
-    "kv_overrides": _str_list,
-    "seed": _int,
-    "n_ctx": _int,
-    "n_batch": _int,
-    "n_ubatch": _int,
-    "n_threads": _int,
-    "n_threads_batch": _int,
-    "rope_scaling_type": _int,
-    "rope_freq_base": _float,
-    "rope_freq_scale": _float,
-    "flash_attn": _bool,
-    "offload_kqv": _bool,
-    "embedding": _bool,
-    "logits_all": _bool,
-    "last_n_tokens_size": _int,
-    "lora_base": _str,
-    "lora_path": _str,
-    "chat_format": _str,
-    "chat_template_kwargs": _json_object,
-    "clip_model_path": _str,
-    "cache": _bool,
-    "cache_type": _str,
-    "cache_size": _int,
-    "type_k": _int,
-    "type_v": _int,
-    "draft_model": _str,
-    "draft_model_num_pred_tokens": _int,
-    "verbose": _bool,
-    "interrupt_requests": _bool,
-    "disable_ping_events": _bool,
+_MODULES = {
+    "llama-cpp": "llmux.engines.llama",
+    "faster-whisper": "llmux.engines.whisper",
+    "piper": "llmux.engines.piper",
 }
-_LLAMA_CPP_ALIASES = {"threads": "n_threads"}
-_LLAMA_CPP_DEFAULTS: dict[str, Any] = {
-    "n_ctx": 2048,
-    # llama_cpp.server's default (true) aborts a running completion whenever another request
-    # arrives; behind a gateway that serves several clients, requests must queue instead.
-    "interrupt_requests": False,
-}
-
-_WHISPER_ARGS: dict[str, _Render] = {
-    "device": _str,
-    "device_index": _int,
-    "compute_type": _str,
-    "threads": _int,
-    "beam_size": _int,
-}
-_WHISPER_DEFAULTS: dict[str, Any] = {"device": "cpu", "compute_type": "int8", "threads": 2}
-
-_PIPER_ARGS: dict[str, _Render] = {
-    "config": _str,
-    "speaker": _int_or_str,
-    "use_cuda": _bool,
-    "max_input_chars": _int,
-}
-
-_ALLOWED: dict[str, dict[str, _Render]] = {
-    "llama-cpp": _LLAMA_CPP_ARGS,
-    "faster-whisper": _WHISPER_ARGS,
-    "piper": _PIPER_ARGS,
-}
-_ALIASES: dict[str, dict[str, str]] = {"llama-cpp": _LLAMA_CPP_ALIASES}
-
 
 # llama_cpp.server reads its settings from the environment too (pydantic-settings, any case), and
 # PORT, HOST and CONFIG_FILE even override its command line: a PORT=8080 set for llmux itself (as
 # many platforms do) would make every child try port 8080. These never reach its children.
 _LLAMA_CPP_ENV = frozenset(
     {
-        *_LLAMA_CPP_ARGS,
+        *LlamaCppArgs.model_fields,
         "model",
         "host",
         "port",
@@ -244,88 +135,34 @@ def _check_engine(engine: str) -> None:
         raise EngineError(f"unknown engine {engine!r}; built-in engines: {', '.join(ENGINES)}")
 
 
-def _normalised_args(engine: str, args: dict[str, Any]) -> dict[str, Any]:
-    allowed = _ALLOWED[engine]
-    aliases = _ALIASES.get(engine, {})
-    out: dict[str, Any] = {}
-    for key, value in args.items():
-        name = aliases.get(key, key)
-        if name not in allowed:
-            names = sorted([*allowed, *aliases])
-            raise EngineError(
-                f"engine {engine!r} has no option args.{key}; allowed: {', '.join(names)}"
-            )
-        if name in out:
-            raise EngineError(f"engine {engine!r}: args.{key} repeats args.{name}")
-        out[name] = value
-    return out
-
-
-def _flags(engine: str, args: dict[str, Any], style: str) -> list[str]:
-    """``--key value`` pairs; ``style`` "snake" keeps the key, "kebab" turns _ into -."""
-    allowed = _ALLOWED[engine]
-    argv: list[str] = []
-    for key, value in args.items():
-        flag = "--" + (key.replace("_", "-") if style == "kebab" else key)
-        argv += [flag, *allowed[key](engine, key, value)]
-    return argv
-
-
-def engine_argv(engine: str, model: str, args: dict[str, Any]) -> list[str]:
+def engine_argv(engine: str, model: str, args: Mapping[str, Any] | EngineArgs) -> list[str]:
     """The child command line for ``model`` (a path or a packaged name) run by ``engine``.
 
-    Contains the literal ``${PORT}``; raises ``EngineError`` for an unknown engine, an unknown
-    or ill-typed ``args`` key, or a model that cannot be found.
+    ``args`` are the model's options, as in the config or already typed (``check_args``); the
+    flags come from the typed model. Contains the literal ``${PORT}``; raises ``EngineError``
+    for an unknown engine, an unknown or ill-typed option (``InvalidArgs``), or a model that
+    cannot be found.
     """
     _check_engine(engine)
-    options = _normalised_args(engine, args)
+    options = args if isinstance(args, EngineArgs) else check_args(engine, args)
+    if not isinstance(options, ENGINE_ARGS[engine]):
+        raise EngineError(
+            f"engine {engine!r} takes {ENGINE_ARGS[engine].__name__}, not {type(options).__name__}"
+        )
     path = resolve_model(engine, model)
-    python = sys.executable
-
-    if engine == "llama-cpp":
-        options = {**_LLAMA_CPP_DEFAULTS, **options}
-        return [
-            python,
-            "-m",
-            "llmux.engines.llama",
-            "--model",
-            str(path),
-            "--host",
-            HOST,
-            "--port",
-            PORT_PLACEHOLDER,
-            *_flags(engine, options, "snake"),
-        ]
-
-    if engine == "faster-whisper":
-        options = {**_WHISPER_DEFAULTS, **options}
-        return [
-            python,
-            "-m",
-            "llmux.engines.whisper",
-            "--model",
-            str(path),
-            "--host",
-            HOST,
-            "--port",
-            PORT_PLACEHOLDER,
-            *_flags(engine, options, "kebab"),
-        ]
-
-    # piper
-    if "config" not in options:
+    if isinstance(options, PiperArgs) and options.config is None:
         config = Path(f"{path}.json")
         if config.is_file():
-            options = {"config": str(config), **options}
+            options = options.model_copy(update={"config": str(config)})
     return [
-        python,
+        sys.executable,
         "-m",
-        "llmux.engines.piper",
+        _MODULES[engine],
         "--model",
         str(path),
         "--host",
         HOST,
         "--port",
         PORT_PLACEHOLDER,
-        *_flags(engine, options, "kebab"),
+        *options.flags(),
     ]
