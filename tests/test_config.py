@@ -251,3 +251,18 @@ def test_check_config_and_serve_refuse_bad_engine_args(tmp_path: Path) -> None:
     serve = _llmux("serve", "--config", str(bad), "--port", "0")
     assert serve.returncode == 2
     assert serve.stderr.splitlines() == expected
+
+
+def test_check_config_names_models_that_cannot_load_here(tmp_path: Path) -> None:
+    """A model that is not on this machine is no config error (llmux serves the rest, and its
+    loads fail with the same message), but check-config says so."""
+    cfg = tmp_path / "llmux.yaml"
+    missing = tmp_path / "no-such-voice.onnx"
+    cfg.write_text(
+        f"models:\n  voice: {{type: tts, engine: piper, model: '{missing}', vram_gb: 0.3}}\n"
+    )
+    out = _llmux("check-config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert parse_config(out.stdout).models["voice"].model == str(missing)
+    assert f"{cfg}: valid, but these models cannot load here:" in out.stderr
+    assert f"  - models.voice.model: model '{missing}' for engine 'piper' is neither" in out.stderr

@@ -54,6 +54,22 @@ def _read(path: str) -> str:
         return f.read()
 
 
+def _unloadable_models(config: Config) -> list[str]:
+    """Engine models whose ``model:`` cannot be found on this machine (a packaged model whose
+    package is missing, a path that does not exist). Not a config error: llmux serves the rest,
+    and each load of such a model fails with this message."""
+    from llmux.engines.packaged import EngineError, resolve_model
+
+    problems = []
+    for model_id, m in config.models.items():
+        if m.engine is not None and m.model is not None:
+            try:
+                resolve_model(m.engine, m.model)
+            except EngineError as exc:
+                problems.append(f"models.{model_id}.model: {exc}")
+    return problems
+
+
 def _check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
@@ -61,6 +77,11 @@ def _check_config(args: argparse.Namespace) -> int:
         print_config_error(exc)
         return 2
     sys.stdout.write(_resolved_yaml(config))
+    unloadable = _unloadable_models(config)
+    if unloadable:
+        print(f"{args.file}: valid, but these models cannot load here:", file=sys.stderr)
+        for problem in unloadable:
+            print(f"  - {problem}", file=sys.stderr)
     return 0
 
 
