@@ -26,8 +26,17 @@ Nothing branches on message text.
     ├── ServerBusy              503 service_unavailable / server_busy (connection cap)
     └── QueueTimeout            504 timeout_error / queue_timeout
 
-``ConfigError`` is separate: it never reaches a client, it stops ``llmux serve`` and is what
-``llmux check-config`` prints.
+Internal errors are separate (plain exceptions, not ``LlmuxError``): no client ever sees one as
+such. Each stops something or becomes one of the errors above where it meets a request::
+
+    ConfigError             invalid configuration: stops ``llmux serve``; ``check-config`` prints it
+    EngineError             a built-in engine cannot be set up (unknown engine, model or option, a
+                            missing package): a configuration problem, or a failed load
+                            (``ModelLoadFailed``) with its message; ``InvalidArgs``
+                            (``llmux.engines.args``) is one for ``args``, key by key
+    LaunchFailed            a child could not be started or never became ready: a failed load
+                            (``ModelLoadFailed``) with the child's last output lines
+    IllegalTransition       a lifecycle move outside the legal-transition table: a bug in llmux
 """
 
 from __future__ import annotations
@@ -169,3 +178,28 @@ class ConfigError(Exception):
         self.problems = problems
         self.source = source
         super().__init__(f"{source}: " + "; ".join(problems))
+
+
+class EngineError(Exception):
+    """A built-in engine cannot be set up: unknown engine, model or option, or a missing package.
+
+    Raised while building a child's command line, before anything is started, so it surfaces as a
+    configuration problem (``llmux check-config``) or a failed load with this message.
+    """
+
+
+class LaunchFailed(Exception):
+    """The child could not be started or never became ready. Its process group is gone."""
+
+    def __init__(self, message: str, log_tail: list[str]) -> None:
+        super().__init__(message)
+        self.message = message
+        self.log_tail = log_tail
+
+    def describe(self) -> str:
+        tail = "\n".join(self.log_tail[-20:])
+        return f"{self.message}\n--- last output ---\n{tail}" if tail else self.message
+
+
+class IllegalTransition(RuntimeError):
+    """A lifecycle move that the legal-transition table forbids (``ModelRecord.move``): a bug."""

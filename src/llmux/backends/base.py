@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from llmux.errors import LaunchFailed as LaunchFailed
+
 
 @dataclass(frozen=True)
 class LaunchSpec:
@@ -26,19 +28,6 @@ class LaunchSpec:
     inherit_env: bool = True
     """False: ``env`` is the child's entire environment (engines that must not see some of
     llmux's variables)."""
-
-
-class LaunchFailed(Exception):
-    """The child could not be started or never became ready. Its process group is gone."""
-
-    def __init__(self, message: str, log_tail: list[str]) -> None:
-        super().__init__(message)
-        self.message = message
-        self.log_tail = log_tail
-
-    def describe(self) -> str:
-        tail = "\n".join(self.log_tail[-20:])
-        return f"{self.message}\n--- last output ---\n{tail}" if tail else self.message
 
 
 class Child(Protocol):

@@ -14,17 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmux.errors import EngineError
+
 __all__ = ["PACKAGED_MODELS", "EngineError", "PackagedModel", "packaged_names", "resolve_model"]
 
 ENGINES_EXTRA = "llmux[engines]"
-
-
-class EngineError(Exception):
-    """A built-in engine cannot be set up: unknown engine, model or option, or a missing package.
-
-    Raised while building a child's command line, before anything is started, so it surfaces as a
-    configuration problem (``llmux check-config``) or a failed load with this message.
-    """
 
 
 @dataclass(frozen=True)

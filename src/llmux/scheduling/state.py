@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from llmux.config import Config, ModelConfig
+from llmux.errors import IllegalTransition as IllegalTransition
 
 
 class ModelState(enum.Enum):
@@ -41,10 +42,6 @@ _LEGAL: dict[ModelState, frozenset[ModelState]] = {
     ModelState.DRAINING: frozenset({ModelState.UNLOADING, ModelState.UNLOADED}),
     ModelState.UNLOADING: frozenset({ModelState.UNLOADED}),
 }
-
-
-class IllegalTransition(RuntimeError):
-    pass
 
 
 class WaiterKind(enum.Enum):
