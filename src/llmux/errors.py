@@ -1,15 +1,18 @@
 """The one error tree of llmux.
 
-Every failure a client can see is an ``LlmuxError``. Each subclass fixes the HTTP status,
-the OpenAI error ``type`` and ``code``; the API boundary (``llmux.api.errors``) turns any of
-them into OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}`` in one place.
-Nothing branches on message text.
+Every failure a client can see is an ``LlmuxError``, whether llmux answers it or one of the
+built-in engines' own servers does (those marked ``engine``, ``engine_only``). Each class fixes
+the HTTP status, the OpenAI error ``type`` and ``code`` (``null`` where none is shown). The
+boundary, ``llmux.api.errors``, is the one place that turns any of them, and any unexpected
+exception (as ``InternalError``), into OpenAI's envelope
+``{"error": {"message", "type", "param", "code"}}``. Nothing branches on message text. The tree
+lists exactly the classes there are (``tests/test_errors.py`` parses it)::
 
-::
-
-    LlmuxError
-    ├── InvalidRequest          400 invalid_request_error
+    LlmuxError                  500 server_error
+    ├── InvalidRequest          400 invalid_request_error / invalid_request
     │   ├── UnsupportedModel    400 invalid_request_error / unsupported_model (wrong type)
+    │   ├── InvalidAudio        400 invalid_request_error / invalid_audio (engine)
+    │   ├── InputTooLong        400 invalid_request_error / string_above_max_length (engine)
     │   ├── RequestTimeout      408 invalid_request_error / request_timeout (slow client)
     │   ├── BodyTooLarge        413 invalid_request_error / body_too_large
     │   └── HeadersTooLarge     431 invalid_request_error / headers_too_large
@@ -19,6 +22,8 @@ Nothing branches on message text.
     ├── ModelNotFound           404 invalid_request_error / model_not_found
     ├── MethodNotAllowed        405 invalid_request_error / method_not_allowed
     ├── QueueFull               429 rate_limit_error / queue_full
+    ├── RequestCancelled        499 invalid_request_error / request_cancelled (engine)
+    ├── InternalError           500 server_error (engine: an unexpected exception)
     ├── UpstreamError           502 upstream_error / upstream_error
     ├── InsufficientVram        503 insufficient_vram / insufficient_vram
     ├── ModelLoadFailed         503 model_load_failed / model_load_failed
@@ -41,7 +46,7 @@ such. Each stops something or becomes one of the errors above where it meets a r
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 
 class LlmuxError(Exception):
@@ -50,22 +55,13 @@ class LlmuxError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
     code: ClassVar[str | None] = None
+    engine_only: ClassVar[bool] = False
+    """Answered only by the built-in engines' servers, never by llmux itself."""
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
-
-    def envelope(self) -> dict[str, Any]:
-        """OpenAI's error envelope for this error."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
 
 
 class InvalidRequest(LlmuxError):
@@ -78,6 +74,20 @@ class UnsupportedModel(InvalidRequest):
     """The model exists but is of a type the route does not serve (a TTS model on chat)."""
 
     code = "unsupported_model"
+
+
+class InvalidAudio(InvalidRequest):
+    """The upload could not be decoded as audio (faster-whisper engine)."""
+
+    code = "invalid_audio"
+    engine_only = True
+
+
+class InputTooLong(InvalidRequest):
+    """``input`` is longer than the engine accepts (piper engine; OpenAI's code for it)."""
+
+    code = "string_above_max_length"
+    engine_only = True
 
 
 class RequestTimeout(InvalidRequest):
@@ -133,6 +143,25 @@ class QueueFull(LlmuxError):
     status = 429
     type = "rate_limit_error"
     code = "queue_full"
+
+
+class RequestCancelled(LlmuxError):
+    """An engine stopped a request (cancelled, or its client left) before its answer started.
+
+    499 is nginx's "client closed request"."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "request_cancelled"
+    engine_only = True
+
+
+class InternalError(LlmuxError):
+    """An unexpected exception in an engine's server, answered without a traceback."""
+
+    status = 500
+    type = "server_error"
+    engine_only = True
 
 
 class UpstreamError(LlmuxError):

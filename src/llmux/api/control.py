@@ -11,12 +11,13 @@ from typing import Any
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from llmux.api.auth import Access, Authenticator
+from llmux.api.errors import exception_handlers
 from llmux.api.openapi import openapi_document
 from llmux.errors import InvalidRequest, LlmuxError, MethodNotAllowed, NotFound
 from llmux.observe import Observer, SchedulerEvent
@@ -33,8 +34,11 @@ def _sse(event: SchedulerEvent) -> bytes:
     return b"event: " + event.event.encode() + b"\ndata: " + orjson.dumps(event.as_dict()) + b"\n\n"
 
 
-def _error_response(error: LlmuxError) -> JSONResponse:
-    return JSONResponse(error.envelope(), status_code=error.status)
+def _route_error(exc: HTTPException) -> LlmuxError:
+    """Starlette's 404 (no route) and 405 (a route, another method; its ``Allow`` is kept)."""
+    if exc.status_code == 405:
+        return MethodNotAllowed("method not allowed on this path")
+    return NotFound("no such route")
 
 
 def _flag(request: Request, name: str) -> bool:
@@ -159,18 +163,6 @@ def build_control(scheduler: Scheduler, auth: Authenticator, observer: Observer)
     async def page(_: Request) -> Response:
         return HTMLResponse(page_body, headers=page_headers)
 
-    async def on_llmux_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, LlmuxError)
-        return _error_response(exc)
-
-    async def on_http_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        if exc.status_code == 405:
-            response = _error_response(MethodNotAllowed("method not allowed on this path"))
-            response.headers.update(exc.headers or {})  # Starlette's Allow: the methods served
-            return response
-        return _error_response(NotFound("no such route"))
-
     read, adm = Access.READ, Access.ADMIN
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -184,8 +176,4 @@ def build_control(scheduler: Scheduler, auth: Authenticator, observer: Observer)
         Route("/", page, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    handlers: dict[Any, Any] = {
-        LlmuxError: on_llmux_error,
-        StarletteHTTPException: on_http_error,
-    }
-    return Starlette(routes=routes, exception_handlers=handlers)
+    return Starlette(routes=routes, exception_handlers=exception_handlers(_route_error))

@@ -69,13 +69,15 @@ def _strict(required: list[str], properties: dict[str, Any], **extra: Any) -> di
 
 
 def _error_kinds() -> tuple[list[str], list[str]]:
-    """Every error ``type`` and ``code`` of the error tree (llmux.errors)."""
+    """Every error ``type`` and ``code`` that llmux itself answers (llmux.errors; the engines'
+    own errors reach a client only inside a model's answer)."""
     found: list[type[LlmuxError]] = []
     todo = list(LlmuxError.__subclasses__())
     while todo:
         cls = todo.pop()
         found.append(cls)
         todo.extend(cls.__subclasses__())
+    found = [c for c in found if not c.engine_only]
     return sorted({c.type for c in found}), sorted({c.code for c in found if c.code})
 
 

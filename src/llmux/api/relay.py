@@ -22,6 +22,8 @@ import orjson
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from llmux.api.auth import Authenticator
+from llmux.api.errors import send_error as send_error  # app.py answers with it too
+from llmux.api.errors import sse_error
 from llmux.backends.base import Child
 from llmux.config import ModelConfig, ModelType
 from llmux.errors import (
@@ -73,28 +75,6 @@ _DROP_RESPONSE = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "upgrade", "te", "trailer", "server", "date"}
 )
 _DROP_RESPONSE_SSE = _DROP_RESPONSE | {"content-length"}
-
-
-async def send_error(
-    send: Send, error: LlmuxError, extra: tuple[tuple[bytes, bytes], ...] = ()
-) -> None:
-    body = orjson.dumps(error.envelope())
-    await send(
-        {
-            "type": "http.response.start",
-            "status": error.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *extra,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-def sse_error(error: LlmuxError) -> bytes:
-    return b"event: error\ndata: " + orjson.dumps(error.envelope()) + b"\n\n"
 
 
 def _multipart_model(body: bytes, content_type: str) -> str | None:

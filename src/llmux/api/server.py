@@ -27,19 +27,18 @@ Relies on these internals of ``uvicorn.protocols.http.httptools_impl.HttpToolsPr
 from __future__ import annotations
 
 import asyncio
-import http
 import logging
 import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import orjson
 from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from llmux.api.errors import error_body, http_error_response
 from llmux.config import ServerConfig
 from llmux.errors import HeadersTooLarge, InvalidRequest, LlmuxError, RequestTimeout, ServerBusy
 
@@ -146,20 +145,8 @@ class Registry:
             )
 
 
-def _response(status: int, body: bytes, default_headers: list[tuple[bytes, bytes]]) -> bytes:
-    phrase = http.HTTPStatus(status).phrase.encode()
-    out = [b"HTTP/1.1 %d %s\r\n" % (status, phrase)]
-    out.extend(name + b": " + value + b"\r\n" for name, value in default_headers)
-    out.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
-    out.append(b"connection: close\r\n\r\n")
-    out.append(body)
-    return b"".join(out)
-
-
-_AT_CAP = orjson.dumps(
-    ServerBusy(
-        "too many open connections; try again shortly (GET /health still answers)"
-    ).envelope()
+_AT_CAP = error_body(
+    ServerBusy("too many open connections; try again shortly (GET /health still answers)")
 )
 _AT_CAP_HEADERS = [
     (b"content-type", b"application/json"),
@@ -390,8 +377,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         # uvicorn answers what is not well-formed HTTP in plain text; llmux in its envelope.
         error = InvalidRequest(f"the request is not well-formed HTTP ({msg.rstrip('.')})")
-        body = orjson.dumps(error.envelope())
-        self.transport.write(_response(400, body, self.server_state.default_headers))
+        self.transport.write(http_error_response(error, self.server_state.default_headers))
         self.transport.close()
 
     def _answer_and_close(self, error: LlmuxError, *, current: bool) -> None:
@@ -404,8 +390,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             cycle.disconnected = True
             cycle.message_event.set()
         if (current and not cycle.response_started) or (not current and not busy):
-            body = orjson.dumps(error.envelope())
-            self.transport.write(_response(error.status, body, self.server_state.default_headers))
+            self.transport.write(http_error_response(error, self.server_state.default_headers))
         self.transport.close()
 
 

@@ -39,7 +39,9 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llmux.api.errors import error_messages, send_error, sse_error
 from llmux.engines import CANCEL_PATH, REQUEST_ID_HEADER
+from llmux.errors import MethodNotAllowed, NotFound, RequestCancelled
 
 __all__ = [
     "CANCEL_PATH",
@@ -59,8 +61,6 @@ _HEADER = REQUEST_ID_HEADER.lower().encode()
 REQUESTS_PATH = "/llmux/requests"
 STOP_WAIT_S = 10.0
 """The longest a cancel waits for the work to stop before it answers ``stopped: false``."""
-CANCELLED_STATUS = 499
-"""The status of a cancelled request that had not started its answer (nginx's "client closed")."""
 
 _SCOPE_KEY = "llmux.work"
 _current: contextvars.ContextVar[Work | None] = contextvars.ContextVar("llmux_work", default=None)
@@ -194,20 +194,12 @@ def _json_message(status: int, body: dict[str, Any]) -> tuple[Message, Message]:
     return start, {"type": "http.response.body", "body": data, "more_body": False}
 
 
-def _cancelled_envelope(work: Work) -> dict[str, Any]:
-    message = (
+def _cancelled(work: Work) -> RequestCancelled:
+    return RequestCancelled(
         f"Request {work.id} was cancelled."
         if work.reason == "cancel"
         else f"Request {work.id} stopped: its client disconnected."
     )
-    return {
-        "error": {
-            "message": message,
-            "type": "invalid_request_error",
-            "param": None,
-            "code": "request_cancelled",
-        }
-    }
 
 
 class CancelMiddleware:
@@ -269,15 +261,12 @@ class CancelMiddleware:
 
     async def _cancel_endpoint(self, scope: Scope, receive: Receive, send: Send, rid: str) -> None:
         if scope["method"] != "POST" or not rid or "/" in rid:
-            status, body = (
-                (405, "Use POST /llmux/cancel/{request_id}.")
+            await send_error(
+                send,
+                MethodNotAllowed("Use POST /llmux/cancel/{request_id}.")
                 if rid and "/" not in rid
-                else (404, "Not found.")
+                else NotFound("Not found."),
             )
-            error = {"message": body, "type": "invalid_request_error", "param": None}
-            start, end = _json_message(status, {"error": {**error, "code": None}})
-            await send(start)
-            await send(end)
             return
         works = self.registry.get(rid)
         asked = time.monotonic()
@@ -367,9 +356,8 @@ class CancelMiddleware:
         if complete or disconnected.is_set() or not work.stopped:
             return []
         if not started:
-            start, end = _json_message(CANCELLED_STATUS, _cancelled_envelope(work))
-            return [start, end]
+            return list(error_messages(_cancelled(work)))
         if is_sse:
-            event = "event: error\ndata: " + json.dumps(_cancelled_envelope(work)) + "\n\n"
-            return [{"type": "http.response.body", "body": event.encode(), "more_body": False}]
+            event = sse_error(_cancelled(work))
+            return [{"type": "http.response.body", "body": event, "more_body": False}]
         return []  # a body cut short: returning without its end makes the server cut the connection

@@ -37,7 +37,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llmux.api.errors import send_error
 from llmux.engines._cancel import CancelMiddleware, Stopped, current_work
+from llmux.errors import InvalidRequest
 
 log = logging.getLogger("llmux.engines.llama")
 
@@ -137,11 +139,6 @@ class _GuardedProxy:
         return getattr(self._proxy, name)
 
 
-def _envelope(message: str, param: str | None) -> bytes:
-    error = {"message": message, "type": "invalid_request_error", "param": param, "code": None}
-    return json.dumps({"error": error}).encode()
-
-
 def _validation_message(errors: list[Any]) -> tuple[str, str | None]:
     """A message without inputs or paths from pydantic's errors; the first field as ``param``."""
     parts: list[str] = []
@@ -191,13 +188,8 @@ class RequestValidation:
         body = b"".join(chunks)
         problem = self._problem(model, body)
         if problem is not None:
-            data = _envelope(*problem)
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-            ]
-            await send({"type": "http.response.start", "status": 400, "headers": headers})
-            await send({"type": "http.response.body", "body": data, "more_body": False})
+            reason, param = problem
+            await send_error(send, InvalidRequest(reason, param=param))
             return
         replayed = False
 

@@ -49,9 +49,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from llmux.api.errors import exception_handlers, internal_error, send_error
 from llmux.engines._cancel import CancelMiddleware, Work, work_of
-from llmux.engines._errors import exception_handlers
-from llmux.errors import InvalidRequest
+from llmux.errors import InputTooLong, InvalidRequest
 
 log = logging.getLogger("llmux.engines.piper")
 
@@ -260,12 +260,6 @@ MAX_PIECE_PHONEMES = 256
 """The longest run of phonemes synthesized in one go. A longer sentence is split at the last word
 boundary before it, so that a cancel waits for at most one piece (about a second on a laptop
 core) and a pathological one-sentence input cannot hold the voice for minutes."""
-
-
-class InputTooLong(InvalidRequest):
-    """``input`` is longer than the engine accepts (OpenAI's code for it)."""
-
-    code = "string_above_max_length"
 
 
 @dataclass(frozen=True)
@@ -528,9 +522,7 @@ class SpeechResponse(Response):
             first = await anyio.to_thread.run_sync(_next_piece, chunks)
         except Exception as e:
             log.error("speech synthesis failed before any audio: %s: %s", type(e).__name__, e)
-            message = f"Internal error in the piper engine: {type(e).__name__}"
-            error = {"message": message, "type": "server_error", "param": None, "code": None}
-            await JSONResponse({"error": error}, status_code=500)(scope, receive, send)
+            await send_error(send, internal_error(e, "the piper engine"))
             return
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         if self.job.response_format == "wav":
@@ -552,7 +544,7 @@ class SpeechResponse(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-EXCEPTION_HANDLERS = exception_handlers("piper", log)
+EXCEPTION_HANDLERS = exception_handlers(log=log, where="the piper engine")
 
 
 def create_app(

@@ -37,9 +37,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from llmux.api.errors import exception_handlers
 from llmux.engines._cancel import CancelMiddleware, Work, current_work, work_of
-from llmux.engines._errors import exception_handlers
-from llmux.errors import InvalidRequest
+from llmux.errors import InvalidAudio, InvalidRequest
 
 log = logging.getLogger("llmux.engines.whisper")
 
@@ -154,12 +154,6 @@ LANGUAGES: dict[str, str] = dict(
 )
 LANGUAGES = {code: name.replace("_", " ") for code, name in LANGUAGES.items()}
 _CODES_BY_NAME = {name: code for code, name in LANGUAGES.items()}
-
-
-class InvalidAudio(InvalidRequest):
-    """The upload could not be decoded as audio."""
-
-    code = "invalid_audio"
 
 
 @dataclass(frozen=True)
@@ -420,7 +414,7 @@ async def parse_job(request: Request, task: str, multilingual: bool) -> Job:
         )
 
 
-EXCEPTION_HANDLERS = exception_handlers("whisper", log)
+EXCEPTION_HANDLERS = exception_handlers(log=log, where="the whisper engine")
 
 
 def create_app(transcriber: Transcriber, model_id: str = "whisper") -> Starlette:
