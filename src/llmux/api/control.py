@@ -5,6 +5,7 @@ answer."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -176,4 +177,6 @@ def build_control(scheduler: Scheduler, auth: Authenticator, observer: Observer)
         Route("/", page, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers=exception_handlers(_route_error))
+    # A bug in a route is logged with its traceback and answered 500 in the envelope (no trace).
+    handlers = exception_handlers(_route_error, log=logging.getLogger("llmux.control"))
+    return Starlette(routes=routes, exception_handlers=handlers)
