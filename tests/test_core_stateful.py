@@ -46,11 +46,10 @@ from llmux.scheduling.events import (
     Release,
     Shutdown,
     StopFinished,
-    StopReason,
     TtlExpired,
     Unload,
 )
-from llmux.scheduling.state import ModelState, WaiterKind
+from llmux.scheduling.state import ModelState, StopReason, WaiterKind
 
 # ---------------------------------------------------------------------------- test doubles
 

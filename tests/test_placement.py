@@ -9,9 +9,9 @@ import pytest
 
 from llmux.config import parse_config
 from llmux.errors import ConfigError
-from llmux.scheduling.events import Release, StopReason
+from llmux.scheduling.events import Release
 from llmux.scheduling.runtime import launch_spec
-from llmux.scheduling.state import ModelState
+from llmux.scheduling.state import ModelState, StopReason
 from tests.conftest import StartServer, upstream_cmd
 from tests.test_api import chat
 from tests.test_core_stateful import rig

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from llmux.errors import ModelNotFound
-from llmux.scheduling.events import ProcessExited, Reconfigure, Release, StopReason
-from llmux.scheduling.state import ModelState
+from llmux.scheduling.events import ProcessExited, Reconfigure, Release
+from llmux.scheduling.state import ModelState, StopReason
 from tests.test_core_stateful import make_config, rig
 
 A = {"type": "llm", "vram_gb": 4}

@@ -35,7 +35,6 @@ from llmux.scheduling.events import (
     Release,
     Shutdown,
     StopFinished,
-    StopReason,
     TtlExpired,
     Unload,
 )
@@ -48,7 +47,15 @@ from llmux.scheduling.planner import (
     Wait,
     plan_load,
 )
-from llmux.scheduling.state import RESIDENT, SERVING, ModelRecord, ModelState, Waiter, WaiterKind
+from llmux.scheduling.state import (
+    RESIDENT,
+    SERVING,
+    ModelRecord,
+    ModelState,
+    StopReason,
+    Waiter,
+    WaiterKind,
+)
 
 PASSOVER_BOUND_S = 10.0
 """A request waiting longer than this is planned before any other (oldest first), whatever its
@@ -335,7 +342,7 @@ class SchedulerCore:
         if any(w.kind is not WaiterKind.PRELOAD for w in waiting):
             self.effects.notify(Notice.ADMITTED, m.model_id, f"{len(waiting)} waiting")
         if m.stop_when_ready is not None:
-            self._doom(m, StopReason(m.stop_when_ready))
+            self._doom(m, m.stop_when_ready)
         elif m.in_flight == 0:
             self._became_idle(m)
 
@@ -383,7 +390,7 @@ class SchedulerCore:
             return
         m.unload_waiters.append(ev.rid)
         if m.state is ModelState.LOADING:
-            m.stop_when_ready = StopReason.ADMIN.value
+            m.stop_when_ready = StopReason.ADMIN
         elif m.state is ModelState.READY:
             self._doom(m, StopReason.ADMIN)
 
@@ -459,7 +466,7 @@ class SchedulerCore:
         if m.state is ModelState.READY:
             self._doom(m, StopReason.RELOAD)
         elif m.state is ModelState.LOADING:
-            m.stop_when_ready = StopReason.RELOAD.value
+            m.stop_when_ready = StopReason.RELOAD
         self._forget_if_removed(m)
 
     def _forget_if_removed(self, m: ModelRecord) -> None:
@@ -477,7 +484,7 @@ class SchedulerCore:
             if m.state is ModelState.READY:
                 self._doom(m, StopReason.SHUTDOWN)
             elif m.state is ModelState.LOADING:
-                m.stop_when_ready = StopReason.SHUTDOWN.value
+                m.stop_when_ready = StopReason.SHUTDOWN
 
     # ------------------------------------------------------------------ acting
 

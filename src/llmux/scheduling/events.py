@@ -9,7 +9,7 @@ from typing import Protocol
 
 from llmux.config import Config
 from llmux.errors import LlmuxError
-from llmux.scheduling.state import WaiterKind
+from llmux.scheduling.state import StopReason, WaiterKind
 
 
 @dataclass(frozen=True)
@@ -142,16 +142,6 @@ class Notice(enum.Enum):
     UNLOADED = "unloaded"
     LOAD_FAILED = "load_failed"
     CRASHED = "crashed"
-
-
-class StopReason(enum.Enum):
-    PRIORITY = "priority"
-    """Evicted to make room for another model."""
-    TTL = "ttl"
-    ADMIN = "admin"
-    RELOAD = "reload"
-    """Removed or changed by a config reload."""
-    SHUTDOWN = "shutdown"
 
 
 class Effects(Protocol):

@@ -40,11 +40,10 @@ from llmux.scheduling.events import (
     Release,
     Shutdown,
     StopFinished,
-    StopReason,
     Unload,
 )
 from llmux.scheduling.learned import LearnedStore, fingerprint, state_dir
-from llmux.scheduling.state import RESIDENT, ModelRecord, ModelState, WaiterKind
+from llmux.scheduling.state import RESIDENT, ModelRecord, ModelState, StopReason, WaiterKind
 
 log = logging.getLogger("llmux.scheduler")
 

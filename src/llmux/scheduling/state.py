@@ -44,6 +44,18 @@ _LEGAL: dict[ModelState, frozenset[ModelState]] = {
 }
 
 
+class StopReason(enum.Enum):
+    """Why a model's process is stopped (logged, and sent with the ``stop`` effect)."""
+
+    PRIORITY = "priority"
+    """Evicted to make room for another model."""
+    TTL = "ttl"
+    ADMIN = "admin"
+    RELOAD = "reload"
+    """Removed or changed by a config reload."""
+    SHUTDOWN = "shutdown"
+
+
 class WaiterKind(enum.Enum):
     REQUEST = "request"
     """A client request; granted a lease (in flight) when the model is ready."""
@@ -84,9 +96,8 @@ class ModelRecord:
     """Monotonic time it last became idle (for ttl)."""
     last_error: str | None = None
     pid: int | None = None
-    stop_when_ready: str | None = None
-    """A stop reason (StopReason value) to act on once a loading model is ready (admin unload,
-    shutdown, reload)."""
+    stop_when_ready: StopReason | None = None
+    """Why to stop a loading model once it is ready (admin unload, shutdown, reload)."""
     removed: bool = False
     """Gone from the config (reload): forgotten once unloaded."""
     spec: ModelConfig | None = None

@@ -33,8 +33,8 @@ from llmux.scheduling.events import (
     Notice,
     Release,
     StopFinished,
-    StopReason,
 )
+from llmux.scheduling.state import StopReason
 from llmux.sim.scenario import Scenario
 from llmux.sim.workload import SimRequest, Workload
 

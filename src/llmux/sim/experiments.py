@@ -39,9 +39,16 @@ from dataclasses import dataclass, field
 
 from llmux.errors import LlmuxError
 from llmux.scheduling.core import SchedulerCore
-from llmux.scheduling.events import Acquire, Event, Notice, Release, StopReason
+from llmux.scheduling.events import Acquire, Event, Notice, Release
 from llmux.scheduling.planner import ModelView, Snapshot, may_evict
-from llmux.scheduling.state import DOOMED, RESIDENT, ModelRecord, ModelState, WaiterKind
+from llmux.scheduling.state import (
+    DOOMED,
+    RESIDENT,
+    ModelRecord,
+    ModelState,
+    StopReason,
+    WaiterKind,
+)
 from llmux.sim.engine import Policy, PolicyFactory, SimContext, SimEffects
 
 

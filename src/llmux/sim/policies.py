@@ -31,11 +31,10 @@ from llmux.scheduling.events import (
     LoadFinished,
     Release,
     StopFinished,
-    StopReason,
     TtlExpired,
 )
 from llmux.scheduling.planner import ModelView, may_evict
-from llmux.scheduling.state import ModelState
+from llmux.scheduling.state import ModelState, StopReason
 from llmux.sim.engine import Policy, PolicyFactory, SimContext, SimEffects
 
 _EPS = 1e-9
