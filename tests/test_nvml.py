@@ -30,8 +30,9 @@ from llmux.api.app import LlmuxApp
 from llmux.backends.process import ProcessLauncher
 from llmux.config import Config
 from llmux.gpu import NvmlProbe, in_groups, open_probe, pgid_of
-from llmux.scheduling.learned import FILE_NAME, LearnedStore, fingerprint
+from llmux.scheduling.learned import FILE_NAME, LearnedStore
 from llmux.scheduling.runtime import Scheduler
+from llmux.scheduling.state import launch_fingerprint
 from tests.conftest import upstream_cmd
 from tests.test_process import wait_until
 
@@ -244,7 +245,7 @@ async def test_measured_use_becomes_the_reservation_and_is_kept(tmp_path: Path) 
 
     learned = json.loads((tmp_path / "state" / FILE_NAME).read_text())
     assert learned["models"]["a"]["gb"] == 4.0
-    assert learned["models"]["a"]["fingerprint"] == fingerprint(config.models["a"])
+    assert learned["models"]["a"]["fingerprint"] == launch_fingerprint(config.models["a"])
     assert learned["models"]["a"]["launch"] == config.models["a"].cmd
     assert learned["models"]["b"]["gb"] == 1.0
     # A fresh llmux on the same state directory starts from the learned peak.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llmux.errors import ModelNotFound
-from llmux.scheduling.events import ProcessExited, Reconfigure, Release
+from llmux.scheduling.events import Measured, ProcessExited, Reconfigure, Release
 from llmux.scheduling.state import ModelState, StopReason
 from tests.test_core_stateful import make_config, rig
 
@@ -49,6 +49,20 @@ def test_live_settings_and_budget_apply_without_a_restart() -> None:
     assert r.rec.stops() == []
     assert r.core.models["a"].reservation_gb == 5
     assert r.core.budget_gb == 6.0
+
+
+def test_how_llmux_waits_for_and_stops_a_process_is_not_its_launch() -> None:
+    # One fingerprint of "what was launched" (state.launch_fingerprint), shared with the learned
+    # peaks: health and the timeouts change neither the process nor its memory.
+    r = rig({"a": A})
+    r.send(Release(r.ready("a")))
+    r.send(Measured("a", 6.0, 1))
+    waits = {**A, "health": "/ready", "ready_timeout": 5, "stop_timeout": 1}
+    r.send(Reconfigure(make_config({"a": waits}), 10.0))
+    assert r.rec.stops() == []
+    assert r.core.models["a"].learned_gb == 6.0
+    r.send(Reconfigure(make_config({"a": {**waits, "env": {"X": "1"}}}), 10.0))
+    assert r.rec.stops() == [("a", 1, StopReason.RELOAD)]
 
 
 def test_reload_preloads_an_unloaded_pinned_model_again() -> None:

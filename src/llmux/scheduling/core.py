@@ -12,7 +12,7 @@ import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from llmux.config import Config, ModelConfig
+from llmux.config import Config
 from llmux.errors import (
     InsufficientVram,
     ModelLoadFailed,
@@ -55,6 +55,7 @@ from llmux.scheduling.state import (
     StopReason,
     Waiter,
     WaiterKind,
+    launch_fingerprint,
 )
 
 PASSOVER_BOUND_S = 10.0
@@ -426,8 +427,9 @@ class SchedulerCore:
             old_spec = m.spec
             m.removed = False
             m.configure(new)
+            spec = new.models[mid]
             known = ev.learned.get(mid, 0.0)
-            if old_spec is not None and _launch_fields(old_spec) != _launch_fields(m.spec):
+            if old_spec is not None and launch_fingerprint(old_spec) != launch_fingerprint(spec):
                 # What the old process taught does not apply to the new one.
                 if m.state is ModelState.UNLOADED:
                     m.learned_gb, m.next_learned_gb = known, None
@@ -579,13 +581,6 @@ class SchedulerCore:
                 assert m.in_flight == 0, f"{m.model_id} {m.state} has in_flight {m.in_flight}"
             assert m.in_flight >= 0
         assert sum(len(m.waiters) for m in self.models.values()) == len(self.waiters)
-
-
-def _launch_fields(spec: ModelConfig | None) -> tuple[object, ...]:
-    """What a running child was started with: a change needs a new process."""
-    if spec is None:
-        return ()
-    return (spec.cmd, spec.engine, spec.model, spec.args, spec.env, spec.health)
 
 
 def _insufficient(m: ModelRecord, d: Infeasible) -> InsufficientVram:

@@ -6,9 +6,10 @@
      "models": {"qwen-7b": {"gb": 6.42, "fingerprint": "3f2a...", "launch": "llama-server -m ...",
                             "updated": 1795883208.3}}}
 
-An entry counts only for the launch it was measured for: ``fingerprint`` hashes what was started
-(``cmd``, or ``engine`` + ``model`` + ``args``, and ``env``), so a model whose command changed
-starts from its configured ``vram_gb`` again. ``launch`` is for people reading the file.
+An entry counts only for the launch it was measured for: ``fingerprint`` is
+``state.launch_fingerprint`` (``cmd``, or ``engine`` + ``model`` + ``args``, and ``env``; the same
+one that decides whether a reload restarts a model), so a model whose command changed starts from
+its configured ``vram_gb`` again. ``launch`` is for people reading the file.
 
 The file is written atomically (a temporary file, then ``os.replace``) each time a peak rises,
 merged with what is on disk then (another llmux may share the directory). A file that cannot be
@@ -18,7 +19,6 @@ code: the scheduler core never touches it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from llmux.config import ModelConfig
+from llmux.scheduling.state import launch_fingerprint
 
 log = logging.getLogger("llmux.scheduler")
 
@@ -56,19 +57,6 @@ def launch_text(spec: ModelConfig) -> str:
         return spec.cmd
     args = " ".join(f"{k}={v}" for k, v in sorted(spec.args.items()))
     return f"{spec.engine} {spec.model} {args}".strip()
-
-
-def fingerprint(spec: ModelConfig) -> str:
-    """A hash of what a model's GPU process is started with."""
-    what = {
-        "cmd": spec.cmd,
-        "engine": spec.engine,
-        "model": spec.model,
-        "args": spec.args,
-        "env": spec.env,
-    }
-    text = json.dumps(what, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -100,7 +88,7 @@ class LearnedStore:
         out = {}
         for mid, spec in models.items():
             peak = self._peaks.get(mid)
-            if peak is not None and peak.fingerprint == fingerprint(spec):
+            if peak is not None and peak.fingerprint == launch_fingerprint(spec):
                 out[mid] = peak.gb
         return out
 
@@ -110,7 +98,7 @@ class LearnedStore:
 
     def record(self, model_id: str, spec: ModelConfig, gb: float) -> bool:
         """Keep ``gb`` as the peak of ``spec``'s launch if it is higher; True if it was written."""
-        fp = fingerprint(spec)
+        fp = launch_fingerprint(spec)
         if gb <= self.peak(model_id, fp) + 1e-9:
             return False
         on_disk = self._read(warn=False)

@@ -42,8 +42,15 @@ from llmux.scheduling.events import (
     StopFinished,
     Unload,
 )
-from llmux.scheduling.learned import LearnedStore, fingerprint, state_dir
-from llmux.scheduling.state import RESIDENT, ModelRecord, ModelState, StopReason, WaiterKind
+from llmux.scheduling.learned import LearnedStore, state_dir
+from llmux.scheduling.state import (
+    RESIDENT,
+    ModelRecord,
+    ModelState,
+    StopReason,
+    WaiterKind,
+    launch_fingerprint,
+)
 
 log = logging.getLogger("llmux.scheduler")
 
@@ -507,7 +514,9 @@ class Scheduler:
     def _remember(self, model_id: str, spec: ModelConfig, gb: float) -> None:
         """Persist a rising peak, if the process was started as the config says now."""
         current = self.config.models.get(model_id)
-        if self.store is None or current is None or fingerprint(current) != fingerprint(spec):
+        if self.store is None or current is None:
+            return
+        if launch_fingerprint(current) != launch_fingerprint(spec):
             return
         configured = current.vram_gb
         if self.store.record(model_id, spec, gb):

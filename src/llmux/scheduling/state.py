@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 from llmux.config import Config, ModelConfig
@@ -42,6 +44,27 @@ _LEGAL: dict[ModelState, frozenset[ModelState]] = {
     ModelState.DRAINING: frozenset({ModelState.UNLOADING, ModelState.UNLOADED}),
     ModelState.UNLOADING: frozenset({ModelState.UNLOADED}),
 }
+
+
+def launch_fingerprint(spec: ModelConfig) -> str:
+    """What a model's process is started with, hashed: ``cmd``, or ``engine`` + ``model`` +
+    ``args``, and ``env``. The one answer to "is this the same launch?": a reload that changes
+    it restarts the model, and a learned peak counts only for the fingerprint it was measured
+    under (``learned.json``).
+
+    Left out on purpose: how llmux waits for and stops the process (``health``,
+    ``ready_timeout``, ``stop_timeout``), which changes neither the process nor the memory it
+    uses, so changing them restarts nothing and keeps the peaks learned; and the settings that
+    apply live (tier, ``vram_gb``, ``ttl``, ``pinned``, aliases)."""
+    what = {
+        "cmd": spec.cmd,
+        "engine": spec.engine,
+        "model": spec.model,
+        "args": spec.args,
+        "env": spec.env,
+    }
+    text = json.dumps(what, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class StopReason(enum.Enum):
