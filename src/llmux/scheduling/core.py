@@ -39,6 +39,7 @@ from llmux.scheduling.events import (
     Unload,
 )
 from llmux.scheduling.planner import (
+    Decision,
     Infeasible,
     ModelView,
     Promise,
@@ -82,14 +83,18 @@ class SchedulerCore:
         wall: Callable[[], float],
         passover_bound: float = PASSOVER_BOUND_S,
         learned: Mapping[str, float] | None = None,
+        plan: Callable[[Snapshot, str], Decision] = plan_load,
     ) -> None:
-        """``learned``: peaks known from before (learned.json) for the config's launches."""
+        """``learned``: peaks known from before (learned.json) for the config's launches.
+        ``plan``: the planner, asked with the snapshot and the model to load (``plan_load``; the
+        simulator's experiments pass one that shows it another view of the same snapshot)."""
         self.config = config
         self.budget_gb = budget_gb
         self.effects = effects
         self.clock = clock
         self.wall = wall
         self.passover_bound = passover_bound
+        self.plan = plan
         self.models: dict[str, ModelRecord] = {
             mid: ModelRecord.from_config(mid, config) for mid in config.models
         }
@@ -230,7 +235,7 @@ class SchedulerCore:
             and ev.model_id not in self.pending
             and not m.cpu_fallback
         ):
-            decision = plan_load(self.snapshot(), ev.model_id)
+            decision = self.plan(self.snapshot(), ev.model_id)
             if isinstance(decision, Infeasible):
                 self.effects.reject(ev.rid, _insufficient(m, decision))
                 return
@@ -549,7 +554,7 @@ class SchedulerCore:
                     self._start(m)
                     progress = True
             for m in self._waiting_models():
-                decision = plan_load(self.snapshot(), m.model_id)
+                decision = self.plan(self.snapshot(), m.model_id)
                 if isinstance(decision, Start):
                     self._start(m)
                 elif m.cpu_fallback:

@@ -1,7 +1,8 @@
 """Candidate improvements to llmux's scheduling, tried on the real core without changing it.
 
-``TunedCore`` subclasses ``SchedulerCore`` and changes only what the planner *sees*: it overrides
-``snapshot()`` (the core's one input to ``plan_load``), and observes events in ``handle()``. The
+``TunedCore`` subclasses ``SchedulerCore`` and changes only what the planner *sees*: it hands the
+core a ``plan`` (the core's constructor seam for its planner) that rewrites the snapshot before
+``plan_load`` reads it, and observes events in ``handle()``. The
 core's rules stay the core's code: rule 2 (who may be evicted) is never widened, since only the
 order keys of *unprotected* resident models are rewritten (``may_evict`` ignores their rank), and
 models are only ever hidden from eviction (shown as still loading, so the planner answers Wait,
@@ -40,11 +41,10 @@ from dataclasses import dataclass, field
 from llmux.errors import LlmuxError
 from llmux.scheduling.core import SchedulerCore
 from llmux.scheduling.events import Acquire, Event, Notice, Release
-from llmux.scheduling.planner import ModelView, Snapshot, may_evict
+from llmux.scheduling.planner import Decision, ModelView, Snapshot, may_evict, plan_load
 from llmux.scheduling.state import (
     DOOMED,
     RESIDENT,
-    ModelRecord,
     ModelState,
     StopReason,
     WaiterKind,
@@ -119,14 +119,13 @@ class TunedCore(SchedulerCore):
             passover_bound=tuning.passover
             if tuning.passover is not None
             else sc.llmux.passover_bound_s,
+            plan=self._plan,
         )
         self.ctx = ctx
         self.tuning = tuning
         self.ready_at: dict[str, float] = {}
         self._seen: dict[str, int] = {}
         self._admin_rids = itertools.count(-(10**9), -1)
-        self._planning: str | None = None
-        """The model the next plan is for (the planner's requester)."""
         self._arrivals: dict[str, deque[float]] = {mid: deque() for mid in sc.models}
         self._service: dict[str, float] = {}
         """Mean observed service time per model (moving average)."""
@@ -144,7 +143,6 @@ class TunedCore(SchedulerCore):
     def handle(self, event: Event) -> None:
         now = self.clock()
         if isinstance(event, Acquire):
-            self._planning = event.model_id
             if event.kind is WaiterKind.REQUEST and event.model_id in self._arrivals:
                 q = self._arrivals[event.model_id]
                 q.append(now)
@@ -182,11 +180,6 @@ class TunedCore(SchedulerCore):
                     Acquire(next(self._admin_rids), voice.tts_model, WaiterKind.ADMIN_LOAD)
                 )
 
-    def _waiting_models(self) -> list[ModelRecord]:
-        out = super()._waiting_models()
-        self._planning = out[0].model_id if out else None
-        return out
-
     # -- estimates (all observable by a real scheduler, except the configured load times and
     #    SLOs, which it would learn or be told)
 
@@ -216,18 +209,18 @@ class TunedCore(SchedulerCore):
         w = 10.0 if (self.tuning.slo and not self.cold_ok[v.model_id]) else 1.0
         return self._rate(v.model_id) * (free_after + sc.load_time(v.model_id)) * w
 
-    def _cost_view(self, snap: Snapshot) -> Snapshot:
-        """Show the planner only the cheapest victim set (see ``cost`` in the module doc)."""
-        rid = self._planning
-        if rid is None or rid not in snap.models:
+    def _cost_view(self, snap: Snapshot, requester: str) -> Snapshot:
+        """Show the planner only the cheapest victim set for loading ``requester`` (see
+        ``cost`` in the module doc)."""
+        if requester not in snap.models:
             return snap
-        me = snap.models[rid]
+        me = snap.models[requester]
         if me.state is not ModelState.UNLOADED:
             return snap
         resident = [v for v in snap.models.values() if v.state in RESIDENT]
         reserved = sum(v.reservation_gb for v in resident)
         doomed = sum(v.reservation_gb for v in resident if v.state in DOOMED)
-        pending = sum(gb for mid, gb in snap.pending.items() if mid != rid)
+        pending = sum(gb for mid, gb in snap.pending.items() if mid != requester)
         projected = snap.budget_gb - (reserved - doomed) - pending
         need = me.reservation_gb
         if need <= projected + 1e-9:
@@ -237,7 +230,7 @@ class TunedCore(SchedulerCore):
             for v in resident
             if v.state in (ModelState.READY, ModelState.LOADING) and may_evict(me, v)
         ]
-        waiting = max(1, len(self.models[rid].waiters))
+        waiting = max(1, len(self.models[requester].waiters))
         best: tuple[float, tuple[ModelView, ...]] | None = None
         for k in range(1, len(cands) + 1):
             for combo in itertools.combinations(cands, k):
@@ -266,8 +259,11 @@ class TunedCore(SchedulerCore):
         m = self.tuning.minres
         return m.get(self.models[v.model_id].tier, m.get("*", 0.0))
 
-    def snapshot(self) -> Snapshot:
-        snap = super().snapshot()
+    def _plan(self, snap: Snapshot, model_id: str) -> Decision:
+        return plan_load(self._view(snap, model_id), model_id)
+
+    def _view(self, snap: Snapshot, requester: str) -> Snapshot:
+        """What the planner is shown when it plans to load ``requester``."""
         t = self.tuning
         if not (t.drain or t.slo or t.minres or t.cost):
             return snap
@@ -303,7 +299,7 @@ class TunedCore(SchedulerCore):
             else:
                 views[mid] = v
         out = Snapshot(snap.budget_gb, views, snap.pending)
-        return self._cost_view(out) if t.cost else out
+        return self._cost_view(out, requester) if t.cost else out
 
 
 def parse_variant(name: str) -> Tuning | None:
