@@ -30,6 +30,7 @@ from llmux.api.app import LlmuxApp
 from llmux.backends.process import ProcessLauncher
 from llmux.config import Config
 from llmux.gpu import NvmlProbe, in_groups, open_probe, pgid_of
+from llmux.launch import launch_spec
 from llmux.scheduling.learned import FILE_NAME, LearnedStore
 from llmux.scheduling.runtime import Scheduler
 from llmux.scheduling.state import launch_fingerprint
@@ -92,7 +93,13 @@ def make_config(tmp: Path, budget: float, models: Mapping[str, Mapping[str, Any]
 
 @asynccontextmanager
 async def scheduler(config: Config, gpu: FakeGpu | None) -> AsyncIterator[Scheduler]:
-    s = Scheduler(config, ProcessLauncher(), budget_gb=config.budget_gb(None), gpu=gpu)
+    s = Scheduler(
+        config,
+        ProcessLauncher(),
+        launch_spec=launch_spec,
+        budget_gb=config.budget_gb(None),
+        gpu=gpu,
+    )
     await s.start()
     try:
         yield s

@@ -9,8 +9,8 @@ import pytest
 
 from llmux.config import parse_config
 from llmux.errors import ConfigError
+from llmux.launch import launch_spec
 from llmux.scheduling.events import Release
-from llmux.scheduling.runtime import launch_spec
 from llmux.scheduling.state import ModelState, StopReason
 from tests.conftest import StartServer, upstream_cmd
 from tests.test_api import chat

@@ -23,11 +23,12 @@ from llmux.api.relay import (
     UpstreamConnector,
     send_error,
 )
-from llmux.backends.base import Launcher
 from llmux.config import Config
 from llmux.errors import ConfigError, MethodNotAllowed
 from llmux.gpu import GpuProbe
+from llmux.launch import launch_spec
 from llmux.observe import Observer
+from llmux.scheduling.launcher import Launcher
 from llmux.scheduling.runtime import Scheduler
 
 log = logging.getLogger("llmux")
@@ -57,7 +58,9 @@ class LlmuxApp:
         self.config_source = config_source
         self.watch_path = watch_path
         self._background: set[asyncio.Task[None]] = set()
-        self.scheduler = Scheduler(config, launcher, budget_gb=budget_gb, gpu=gpu)
+        self.scheduler = Scheduler(
+            config, launcher, launch_spec=launch_spec, budget_gb=budget_gb, gpu=gpu
+        )
         self.observer = Observer()
         self.observer.bind(self.scheduler.gauges)
         self.scheduler.listeners.append(self.observer.record)

@@ -1,75 +1,12 @@
-"""The backend seam: how the scheduler's effects start and stop one model's child process.
-
-The scheduler never touches processes itself; its effects call a ``Launcher``. Tests of the
-scheduler core use a recorder instead; process tests use the real ``ProcessLauncher``.
+"""The backend seam, as backends name it: the protocol is the scheduler's own
+(``llmux.scheduling.launcher``: the scheduler acts only through it) and ``ProcessLauncher``
+implements it. Tests of the scheduler core use a recorder instead; process tests use the real
+``ProcessLauncher``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
-
 from llmux.errors import LaunchFailed as LaunchFailed
-
-
-@dataclass(frozen=True)
-class LaunchSpec:
-    """Everything needed to run one model's child. Comes from config only, never from a request."""
-
-    model_id: str
-    argv: tuple[str, ...]
-    """Already split (shlex for ``cmd``); ``${PORT}`` in any argument is filled with a free port."""
-    health: str = "/health"
-    """GET path that answers 200 once the child is ready."""
-    ready_timeout: float = 300.0
-    stop_timeout: float = 10.0
-    env: dict[str, str] = field(default_factory=dict)
-    """Extra environment on top of llmux's own (or the whole of it, see ``inherit_env``)."""
-    inherit_env: bool = True
-    """False: ``env`` is the child's entire environment (engines that must not see some of
-    llmux's variables)."""
-
-
-class Child(Protocol):
-    """A running, ready child process."""
-
-    @property
-    def model_id(self) -> str: ...
-
-    @property
-    def pid(self) -> int: ...
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:PORT``"""
-        ...
-
-    @property
-    def returncode(self) -> int | None: ...
-
-    def log_tail(self) -> list[str]:
-        """The last lines (at most 50) the child wrote to stdout/stderr."""
-        ...
-
-    def log_since(self, seen: int) -> tuple[list[str], int]:
-        """Lines after the first ``seen`` ones (as many as are still kept), and the new count."""
-        ...
-
-    async def wait_exit(self) -> int:
-        """Return the exit status once the process has exited (for any reason)."""
-        ...
-
-    async def stop(self, timeout: float) -> int:
-        """SIGTERM the process group, SIGKILL it after ``timeout`` s; return once it is gone."""
-        ...
-
-
-class Launcher(Protocol):
-    async def launch(self, spec: LaunchSpec) -> Child:
-        """Spawn the child and wait until ``health`` answers 200.
-
-        Raises ``LaunchFailed`` (with the last output lines) if it cannot be spawned, exits,
-        or is not ready within ``ready_timeout``; the process group is killed before raising.
-        If cancelled, kills the process group and re-raises.
-        """
-        ...
+from llmux.scheduling.launcher import Child as Child
+from llmux.scheduling.launcher import Launcher as Launcher
+from llmux.scheduling.launcher import LaunchSpec as LaunchSpec

@@ -15,16 +15,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
-import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from llmux.backends.base import Child, Launcher, LaunchFailed, LaunchSpec
 from llmux.config import Config, ModelConfig
-from llmux.errors import LlmuxError, ModelNotFound
+from llmux.errors import LaunchFailed, LlmuxError, ModelNotFound
 from llmux.gpu import GpuProbe
 from llmux.observe import ModelGauge, SchedulerEvent
 from llmux.scheduling.core import SchedulerCore
@@ -42,6 +39,7 @@ from llmux.scheduling.events import (
     StopFinished,
     Unload,
 )
+from llmux.scheduling.launcher import Child, Launcher, SpecBuilder
 from llmux.scheduling.learned import LearnedStore, state_dir
 from llmux.scheduling.state import (
     RESIDENT,
@@ -85,37 +83,6 @@ class _Running:
     """The config it was started with on the GPU (None on the CPU): what it teaches is for this."""
 
 
-def launch_spec(model_id: str, m: ModelConfig, on_cpu: bool = False) -> LaunchSpec:
-    """The child's command line, from config only. ``cmd`` is split with shlex, never a shell.
-    ``on_cpu``: the model's ``cpu_fallback`` variant."""
-    fallback = m.cpu_fallback if on_cpu else None
-    if m.cmd is not None:
-        cmd = fallback.cmd if fallback is not None and fallback.cmd is not None else m.cmd
-        return LaunchSpec(
-            model_id=model_id,
-            argv=tuple(shlex.split(cmd)),
-            health=m.health,
-            ready_timeout=m.ready_timeout,
-            stop_timeout=m.stop_timeout,
-            env=dict(m.env),
-        )
-    # Engines are optional (the `engines` extra): import only when one is used.
-    from llmux.engines import engine_argv, engine_env, engine_health_path
-
-    assert m.engine is not None
-    assert m.model is not None
-    args = {**m.args, **fallback.args} if fallback is not None else m.args
-    return LaunchSpec(
-        model_id=model_id,
-        argv=tuple(engine_argv(m.engine, m.model, args)),
-        health=m.health if "health" in m.model_fields_set else engine_health_path(m.engine),
-        ready_timeout=m.ready_timeout,
-        stop_timeout=m.stop_timeout,
-        env={**engine_env(m.engine, os.environ), **m.env},
-        inherit_env=False,
-    )
-
-
 class Scheduler:
     """Effects implementation + owner task around ``SchedulerCore``."""
 
@@ -124,14 +91,17 @@ class Scheduler:
         config: Config,
         launcher: Launcher,
         *,
+        launch_spec: SpecBuilder,
         budget_gb: float,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         gpu: GpuProbe | None = None,
     ) -> None:
-        """``gpu``: the device probe (NVML); None = nothing is measured, nothing is waited for,
+        """``launch_spec``: builds each child's ``LaunchSpec`` from config (``llmux.launch``).
+        ``gpu``: the device probe (NVML); None = nothing is measured, nothing is waited for,
         and learned peaks are neither read nor written."""
         self.launcher = launcher
+        self.launch_spec = launch_spec
         self.clock = clock
         self.gpu = gpu
         self.store = LearnedStore(state_dir(config.server.state_dir)) if gpu is not None else None
@@ -412,7 +382,7 @@ class Scheduler:
         assert spec is not None
         need = record.reservation_gb  # 0 on the CPU
         try:
-            launch = launch_spec(model_id, spec, record.on_cpu)
+            launch = self.launch_spec(model_id, spec, record.on_cpu)
             if self.gpu is not None and need > 0:
                 await self._wait_free(model_id, need)
             child = await self.launcher.launch(launch)
