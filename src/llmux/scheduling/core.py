@@ -1,9 +1,10 @@
 """The scheduler core: the one owner of all model state.
 
-``SchedulerCore.handle(event)`` is synchronous and is only ever called by the owner task (or by a
-test or the simulator, driving it directly). It mutates state, asks the pure planner what to do,
-and acts through ``Effects``. It never awaits, never does I/O, and never reads the clock except
-through the injected ``clock`` (monotonic) and ``wall`` callables.
+``SchedulerCore.handle(event)`` is the one way in: it is synchronous and is only ever called on
+the owner's behalf (by the owner task, or by a caller while the owner is idle: the hot path; or
+by a test or the simulator, driving it directly). It mutates state, asks the pure planner what
+to do, and acts through ``Effects``. It never awaits, never does I/O, and never reads the clock
+except through the injected ``clock`` (monotonic) and ``wall`` callables.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ PASSOVER_BOUND_S = 10.0
 tier: the bound on how long a lower tier can be passed over. See docs/scheduling.md."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Held:
     """The core's record of a granted lease (the runtime's ``Lease`` adds the child's URL)."""
 
@@ -148,11 +149,12 @@ class SchedulerCore:
     # ------------------------------------------------------------------ events
 
     def handle(self, event: Event) -> None:
-        if (
-            isinstance(event, LoadFinished | ProcessExited | StopFinished | TtlExpired | Measured)
-            and event.model_id not in self.models
-        ):
-            return  # about a model a reload removed and that is gone already
+        """The one way in: every event, whoever sends it (the owner task reading its queue, or
+        the caller itself on the hot path), is handled here, one at a time.
+
+        The common case costs little: a request for a ready model (``Acquire``) or the end of
+        one (``Release``) is matched first, and the pump runs only while something waits or a
+        load is promised."""
         match event:
             case Acquire():
                 self._acquire(event)
@@ -160,6 +162,10 @@ class SchedulerCore:
                 self._release(event.rid)
             case Cancel():
                 self._cancel(event.rid)
+            case LoadFinished() | ProcessExited() | StopFinished() | TtlExpired() | Measured() if (
+                event.model_id not in self.models
+            ):
+                return  # about a model a reload removed and that is gone already
             case LoadFinished():
                 self._load_finished(event)
             case ProcessExited():
@@ -174,60 +180,36 @@ class SchedulerCore:
                 self._deadline(event.rid)
             case Measured():
                 self._measured(event)
+                self.overcommit_gb = max(0.0, self.reserved_gb - self.budget_gb)
             case Reconfigure():
                 self._reconfigure(event)
+                self.overcommit_gb = max(0.0, self.reserved_gb - self.budget_gb)
             case Shutdown():
                 self._shutdown()
-        if isinstance(event, Measured | Reconfigure):
-            self.overcommit_gb = max(0.0, self.reserved_gb - self.budget_gb)
-        self._pump()
+        if (self.waiters or self.pending) and not self.closing:
+            self._pump()  # else nothing waits for memory or for a load: nothing to act on
         if self.overcommit_gb > 0:
             over = max(0.0, self.reserved_gb - self.budget_gb)
             self.overcommit_gb = min(self.overcommit_gb, over)
 
-    # ------------------------------------------------------------------ fast path
-
-    def admit_ready(self, rid: int, model_id: str) -> int | None:
-        """``Acquire`` for a model that is ready, handled at once: count ``rid`` in flight and
-        return the model's generation; None (nothing changed) if it is not simply ready.
-
-        The same outcome as ``handle(Acquire(rid, model_id))`` minus the grant effect and the
-        pump: admitting a request to a ready model makes nothing startable that was not (it can
-        only turn an idle model busy), so there is nothing for the pump to do."""
-        m = self.models.get(model_id)
-        if (
-            m is None
-            or m.state is not ModelState.READY
-            or m.stop_when_ready is not None
-            or m.removed
-            or self.closing
-        ):
-            return None
-        self._hold(rid, m)
-        return m.generation
-
-    def release_now(self, rid: int) -> bool:
-        """``Release`` of a lease on a ready model while nothing waits, handled at once; False
-        (nothing changed) otherwise. With no waiter, no promised load and no overcommit the
-        pump has nothing to act on, so this is ``handle(Release(rid))`` minus the event."""
-        lease = self.leases.get(rid)
-        if lease is None or self.waiters or self.pending or self.overcommit_gb > 0:
-            return False
-        if self.models[lease.model_id].state is not ModelState.READY or self.closing:
-            return False
-        self._release(rid)
-        return True
-
     def _acquire(self, ev: Acquire) -> None:
         m = self.models.get(ev.model_id)
+        if (
+            m is not None
+            and m.state is ModelState.READY
+            and m.stop_when_ready is None
+            and not m.removed
+            and not self.closing
+        ):
+            self._admit(ev.rid, m, ev.kind)
+            return
+        if not ev.wait:
+            return  # a try (the hot path): not ready now, so nothing happens
         if m is None or m.removed:
             self.effects.reject(ev.rid, ModelNotFound(ev.model_id))
             return
         if self.closing:
             self.effects.reject(ev.rid, ModelUnavailable("llmux is shutting down"))
-            return
-        if m.state is ModelState.READY and m.stop_when_ready is None:
-            self._admit(ev.rid, m, ev.kind)
             return
         # Never fits: say so at once (rule 4), before any queue bound.
         if (
@@ -541,9 +523,8 @@ class SchedulerCore:
         return sorted(out, key=key)
 
     def _pump(self) -> None:
-        """Act on everything the current state allows, until nothing changes."""
-        if self.closing or not (self.pending or self.waiters):
-            return  # nothing waits for memory or for a load: nothing to act on
+        """Act on everything the current state allows, until nothing changes. Called only while
+        something waits or a load is promised, and not while closing."""
         progress = True
         while progress:
             progress = False
