@@ -1,13 +1,17 @@
-"""The owner task and the real effects: the asyncio face of the scheduler core.
+"""The owner: the asyncio face of the scheduler core.
 
-``Scheduler`` runs one task that reads events from a queue and hands each to
-``SchedulerCore.handle``. Routes talk to it only through ``acquire``/``release``/``load``/
-``unload``/``status``; slow work (spawning, stopping) runs in tasks of its own and comes back as
-events, so no lock is ever held across I/O (rule 7).
+``Scheduler`` owns ``SchedulerCore`` and is the one way to it. Every event (a request's
+``Acquire`` and ``Release``, an admin load or unload, a load finished, a process exited, a timer)
+goes through ``post`` to ``_handle`` and so to ``SchedulerCore.handle``: at once when the owner is
+idle, else through the owner task's queue, in order. Routes talk to it only through
+``try_acquire``/``acquire``/``release``/``load``/``unload``/``status``.
 
-With a ``GpuProbe`` (NVML), rule 10 lives here too: a load's process starts only once the device
-really shows its reservation free, each model's process is measured after it is ready and after
-requests (``Measured`` events), and rising peaks are kept in ``learned.json``.
+It carries out the core's ``Effects``: grants, answers and rejections resolve the waiting
+requests here; timers are loop timers that post their event; ``notify`` logs and tells the
+listeners; starting and stopping processes is the process effects' job (``processes.py``), and
+with a ``GpuProbe`` (NVML) waiting for free memory, measuring and learning peaks is the GPU
+measurer's (``measurer.py``). Slow work runs in tasks of theirs and comes back as events, so no
+lock is ever held across I/O (rule 7).
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from llmux.config import Config, ModelConfig
-from llmux.errors import LaunchFailed, LlmuxError, ModelNotFound
+from llmux.config import Config
+from llmux.errors import LlmuxError, ModelNotFound
 from llmux.gpu import GpuProbe
 from llmux.observe import ModelGauge, SchedulerEvent
 from llmux.scheduling.core import SchedulerCore
@@ -29,37 +33,21 @@ from llmux.scheduling.events import (
     Acquire,
     Cancel,
     Event,
-    LoadFinished,
-    Measured,
     Notice,
-    ProcessExited,
     Reconfigure,
     Release,
     Shutdown,
-    StopFinished,
     Unload,
 )
 from llmux.scheduling.launcher import Child, Launcher, SpecBuilder
 from llmux.scheduling.learned import LearnedStore, state_dir
-from llmux.scheduling.state import (
-    RESIDENT,
-    ModelRecord,
-    ModelState,
-    StopReason,
-    WaiterKind,
-    launch_fingerprint,
-)
+from llmux.scheduling.measurer import GpuMeasurer
+from llmux.scheduling.processes import Processes
+from llmux.scheduling.state import RESIDENT, ModelRecord, ModelState, StopReason, WaiterKind
 
 log = logging.getLogger("llmux.scheduler")
 
 Listener = Callable[[SchedulerEvent], None]
-
-MEASURE_EVERY_S = 1.0
-"""At most one measurement of a model's process this often. The one after it is ready runs at
-once; one asked for sooner (a request ended) runs when the second is up, so the use after the
-last request of a burst is always measured."""
-FREE_POLL_S = 0.05
-"""How often a load waiting for free memory reads it again."""
 
 
 @dataclass(slots=True)
@@ -76,17 +64,8 @@ class Lease:
     """The process serving it (the relay asks it whether it died when an answer ends)."""
 
 
-@dataclass(frozen=True)
-class _Running:
-    generation: int
-    child: Child
-    stop_timeout: float
-    gpu_spec: ModelConfig | None = None
-    """The config it was started with on the GPU (None on the CPU): what it teaches is for this."""
-
-
 class Scheduler:
-    """Effects implementation + owner task around ``SchedulerCore``."""
+    """The owner task around ``SchedulerCore``, and its ``Effects``."""
 
     def __init__(
         self,
@@ -102,26 +81,25 @@ class Scheduler:
         """``launch_spec``: builds each child's ``LaunchSpec`` from config (``llmux.launch``).
         ``gpu``: the device probe (NVML); None = nothing is measured, nothing is waited for,
         and learned peaks are neither read nor written."""
-        self.launcher = launcher
-        self.launch_spec = launch_spec
         self.clock = clock
-        self.gpu = gpu
-        self.store = LearnedStore(state_dir(config.server.state_dir)) if gpu is not None else None
-        learned = self.store.peaks_for(config.models) if self.store is not None else {}
-        if self.store is not None and learned:
-            log.info(
-                "learned peaks from %s: %s",
-                self.store.path,
-                ", ".join(f"{mid} {gb:.2f} GB" for mid, gb in sorted(learned.items())),
-            )
+        self.measurer: GpuMeasurer | None = None
+        learned: dict[str, float] = {}
+        if gpu is not None:
+            store = LearnedStore(state_dir(config.server.state_dir))
+            self.measurer = GpuMeasurer(gpu, store, self.post, lambda: self.core.config, clock)
+            learned = self.measurer.learned(config.models)
+            if learned:
+                log.info(
+                    "learned peaks from %s: %s",
+                    store.path,
+                    ", ".join(f"{mid} {gb:.2f} GB" for mid, gb in sorted(learned.items())),
+                )
+        self.processes = Processes(launcher, launch_spec, self.post, self.measurer)
         self.core = SchedulerCore(config, budget_gb, self, clock, wall, learned=learned)
         self.listeners: list[Listener] = []
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._ids = itertools.count(1)
         self._futures: dict[int, asyncio.Future[Lease | None]] = {}
-        self._children: dict[str, _Running] = {}
-        """Each model's current child (or its last one, kept for its log lines)."""
-        self._tasks: set[asyncio.Task[None]] = set()
         self._owner: asyncio.Task[None] | None = None
         self._all_unloaded = asyncio.Event()
         self._handling = False
@@ -129,20 +107,19 @@ class Scheduler:
         """The rid of the try being handled now (``try_acquire``); 0 when none is."""
         self._tried: Lease | None = None
         """Its lease, if the core granted it."""
-        self._measured: dict[str, tuple[int, float]] = {}
-        """Each model's last measured use: (generation of the process, GB)."""
-        self._measured_at: dict[str, float] = {}
-        self._measuring: set[str] = set()
-        """Models with a measurement asked for and not done yet."""
-        self._probe_warned = False
 
     @property
     def config(self) -> Config:
         """The config in force (it changes on reload)."""
         return self.core.config
 
+    @property
+    def store(self) -> LearnedStore | None:
+        """The learned peaks on disk (None without NVML: nothing is learned)."""
+        return self.measurer.store if self.measurer is not None else None
+
     def reconfigure(self, config: Config, budget_gb: float) -> None:
-        learned = self.store.peaks_for(config.models) if self.store is not None else {}
+        learned = self.measurer.learned(config.models) if self.measurer is not None else {}
         self.post(Reconfigure(config, budget_gb, learned))
 
     # ------------------------------------------------------------------ lifecycle
@@ -189,15 +166,9 @@ class Scheduler:
             await asyncio.wait_for(self._all_unloaded.wait(), grace)
         except TimeoutError:
             log.warning("shutdown grace of %gs over; stopping children now", grace)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        children = list(self._children.values())
-        self._children.clear()
-        await asyncio.gather(
-            *(run.child.stop(run.stop_timeout) for run in children if run.child.returncode is None),
-            return_exceptions=True,
-        )
+        if self.measurer is not None:
+            await self.measurer.close()
+        await self.processes.close()
         self._owner.cancel()
         await asyncio.gather(self._owner, return_exceptions=True)
         self._owner = None
@@ -249,8 +220,8 @@ class Scheduler:
 
     def release(self, lease: Lease) -> None:
         self.post(Release(lease.rid))
-        if self.gpu is not None:
-            self._measure_soon(lease.model_id)
+        if self.measurer is not None:
+            self.measurer.measure_soon(lease.model_id)
 
     async def load(self, model_id: str) -> None:
         await self._wait(lambda rid: Acquire(rid, model_id, WaiterKind.ADMIN_LOAD))
@@ -260,8 +231,7 @@ class Scheduler:
 
     def child(self, model_id: str) -> Child | None:
         """The model's current child, or its last one (exited: kept for its log lines)."""
-        run = self._children.get(model_id)
-        return run.child if run else None
+        return self.processes.child(model_id)
 
     def status(self) -> dict[str, Any]:
         core = self.core
@@ -295,37 +265,33 @@ class Scheduler:
 
     def _measured_gb(self, m: ModelRecord) -> float | None:
         """The last measured use of ``m``'s current process on the GPU; None if there is none."""
-        found = self._measured.get(m.model_id)
+        found = self.measurer.last(m.model_id) if self.measurer is not None else None
         if found is None or found[0] != m.generation or m.on_cpu or m.state not in RESIDENT:
             return None
         return round(found[1], 3)
 
     def _device_used_gb(self) -> float | None:
-        if self.gpu is None:
-            return None
-        try:
-            return round(self.gpu.used_gb(), 3)
-        except Exception as exc:
-            self._probe_trouble("read used memory", exc)
-            return None
+        return self.measurer.device_used_gb() if self.measurer is not None else None
 
     # ------------------------------------------------------------------ effects
 
     def start_load(self, model_id: str, generation: int) -> None:
-        self._spawn(self._load(model_id, generation))
+        m = self.core.models[model_id]
+        assert m.spec is not None
+        self.processes.start(model_id, generation, m.spec, m.on_cpu, m.reservation_gb)
 
     def stop(self, model_id: str, generation: int, reason: StopReason) -> None:
-        self._spawn(self._stop(model_id, generation))
+        self.processes.stop(model_id, generation)
 
     def grant(self, rid: int, model_id: str, generation: int) -> None:
-        run = self._children.get(model_id)
-        if rid == self._trying and run is not None:
-            self._tried = Lease(rid, model_id, generation, run.child.base_url, run.child)
+        child = self.processes.child(model_id)
+        if rid == self._trying and child is not None:
+            self._tried = Lease(rid, model_id, generation, child.base_url, child)
             return
         fut = self._futures.get(rid)
-        if fut is None or fut.done() or run is None:
+        if fut is None or fut.done() or child is None:
             return  # the waiter is gone; its Cancel event releases the lease
-        fut.set_result(Lease(rid, model_id, generation, run.child.base_url, run.child))
+        fut.set_result(Lease(rid, model_id, generation, child.base_url, child))
 
     def answer(self, rid: int) -> None:
         fut = self._futures.get(rid)
@@ -373,139 +339,3 @@ class Scheduler:
             for mid, m in core.models.items()
         ]
         return core.budget_gb, core.reserved_gb, models
-
-    # ------------------------------------------------------------------ slow work
-
-    def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _load(self, model_id: str, generation: int) -> None:
-        record = self.core.models[model_id]
-        spec = record.spec
-        assert spec is not None
-        need = record.reservation_gb  # 0 on the CPU
-        try:
-            launch = self.launch_spec(model_id, spec, record.on_cpu)
-            if self.gpu is not None and need > 0:
-                await self._wait_free(model_id, need)
-            child = await self.launcher.launch(launch)
-        except LaunchFailed as exc:
-            self.post(LoadFinished(model_id, generation, error=exc.describe()))
-            return
-        except Exception as exc:  # e.g. an engine's missing package: a failed load, not a crash
-            self.post(LoadFinished(model_id, generation, error=str(exc)))
-            return
-        gpu_spec = None if record.on_cpu else spec
-        self._children[model_id] = _Running(generation, child, launch.stop_timeout, gpu_spec)
-        self.post(LoadFinished(model_id, generation, pid=child.pid))
-        if self.gpu is not None and gpu_spec is not None:
-            self._measure_soon(model_id, at_once=True)
-        returncode = await child.wait_exit()
-        self.post(
-            ProcessExited(model_id, generation, returncode, "\n".join(child.log_tail()[-20:]))
-        )
-
-    async def _stop(self, model_id: str, generation: int) -> None:
-        run = self._children.get(model_id)
-        if run is not None and run.generation == generation:
-            await asyncio.shield(run.child.stop(run.stop_timeout))
-        self.post(StopFinished(model_id, generation))
-
-    # ------------------------------------------------------------------ rule 10: measuring
-
-    async def _wait_free(self, model_id: str, need: float) -> None:
-        """Return once the device shows ``need`` GB free; LaunchFailed after ``gpu.free_wait``.
-
-        Our accounting already says the memory is free (the plan let the load start); this waits
-        for the device to agree: a stopped process's memory comes back a little after it exits.
-        """
-        assert self.gpu is not None
-        limit = self.config.gpu.free_wait
-        started = self.clock()
-        polls = 0
-        while True:
-            try:
-                free = await asyncio.to_thread(self.gpu.free_gb)
-            except Exception as exc:  # NVML trouble: load as if there were no NVML
-                self._probe_trouble("read free memory", exc)
-                return
-            polls += 1
-            if free + 1e-9 >= need:
-                break
-            waited = self.clock() - started
-            if waited >= limit:
-                raise LaunchFailed(
-                    f"{model_id}: the GPU shows {free:.2f} GB free after waiting {limit:g} s "
-                    f"(gpu.free_wait), but the model needs {need:g} GB",
-                    [],
-                )
-            await asyncio.sleep(min(FREE_POLL_S, limit - waited))
-        if polls > 1:
-            log.info(
-                "gpu_wait model=%s waited_s=%.3f need_gb=%.2f free_gb=%.2f",
-                model_id,
-                self.clock() - started,
-                need,
-                free,
-            )
-
-    def _measure_soon(self, model_id: str, at_once: bool = False) -> None:
-        """Measure the model's process now, or when its last measurement is a second old."""
-        if model_id in self._measuring:
-            return
-        run = self._children.get(model_id)
-        if run is None or run.gpu_spec is None:
-            return  # gone, or on the CPU: nothing to measure
-        last = self._measured_at.get(model_id)
-        delay = 0.0 if at_once or last is None else last + MEASURE_EVERY_S - self.clock()
-        self._measuring.add(model_id)
-        self._spawn(self._measure(model_id, max(0.0, delay)))
-
-    async def _measure(self, model_id: str, delay: float) -> None:
-        assert self.gpu is not None
-        try:
-            if delay > 0:
-                await asyncio.sleep(delay)
-            run = self._children.get(model_id)
-            if run is None or run.gpu_spec is None or run.child.returncode is not None:
-                return
-            self._measured_at[model_id] = self.clock()
-            try:
-                gb = await asyncio.to_thread(self.gpu.process_gb, (run.child.pid,))
-            except Exception as exc:
-                self._probe_trouble("measure a process", exc)
-                return
-            if self._children.get(model_id) is not run:
-                return  # a newer process took its place meanwhile
-            self._measured[model_id] = (run.generation, gb)
-            if gb > 0:
-                self.post(Measured(model_id, gb, run.generation))
-                self._remember(model_id, run.gpu_spec, gb)
-        finally:
-            self._measuring.discard(model_id)
-
-    def _remember(self, model_id: str, spec: ModelConfig, gb: float) -> None:
-        """Persist a rising peak, if the process was started as the config says now."""
-        current = self.config.models.get(model_id)
-        if self.store is None or current is None:
-            return
-        if launch_fingerprint(current) != launch_fingerprint(spec):
-            return
-        configured = current.vram_gb
-        if self.store.record(model_id, spec, gb):
-            log.info(
-                "learned model=%s peak_gb=%.2f configured_gb=%.2f file=%s",
-                model_id,
-                gb,
-                configured,
-                self.store.path,
-            )
-
-    def _probe_trouble(self, what: str, exc: Exception) -> None:
-        if not self._probe_warned:
-            log.warning("NVML could not %s: %s (warned once)", what, exc)
-            self._probe_warned = True
-        else:
-            log.debug("NVML could not %s: %s", what, exc)

@@ -1,0 +1,116 @@
+"""The process effects: start a model's child, notice it ready or gone, stop it.
+
+Everything goes through the ``Launcher`` (``scheduling/launcher.py``) with a ``LaunchSpec`` from
+the ``SpecBuilder`` it was given; each piece of slow work runs in a task of its own and its outcome
+comes back to the owner as an event (``LoadFinished``, ``ProcessExited``, ``StopFinished``), so no
+lock is ever held across I/O (rule 7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from llmux.config import ModelConfig
+from llmux.errors import LaunchFailed
+from llmux.scheduling.events import Event, LoadFinished, ProcessExited, StopFinished
+from llmux.scheduling.launcher import Child, Launcher, SpecBuilder
+from llmux.scheduling.measurer import GpuMeasurer
+
+
+@dataclass(frozen=True)
+class _Running:
+    """A model's child, started for load ``generation``."""
+
+    generation: int
+    child: Child
+    stop_timeout: float
+
+
+class Processes:
+    """The children of all models: at most one current child per model."""
+
+    def __init__(
+        self,
+        launcher: Launcher,
+        launch_spec: SpecBuilder,
+        post: Callable[[Event], None],
+        measurer: GpuMeasurer | None = None,
+    ) -> None:
+        """``post`` hands events to the owner. ``measurer`` (NVML): a load on the GPU waits
+        until the device shows its memory free, and each process on the GPU is measured once
+        ready."""
+        self.launcher = launcher
+        self.launch_spec = launch_spec
+        self._post = post
+        self.measurer = measurer
+        self._running: dict[str, _Running] = {}
+        """Each model's current child (or its last one, kept for its log lines)."""
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def child(self, model_id: str) -> Child | None:
+        """The model's current child, or its last one (exited: kept for its log lines)."""
+        run = self._running.get(model_id)
+        return run.child if run is not None else None
+
+    def start(
+        self, model_id: str, generation: int, spec: ModelConfig, on_cpu: bool, need_gb: float
+    ) -> None:
+        """Launch ``spec`` (its ``cpu_fallback`` variant if ``on_cpu``), once ``need_gb`` shows
+        free on the device; post ``LoadFinished``, then ``ProcessExited`` when it exits."""
+        self._spawn(self._load(model_id, generation, spec, on_cpu, need_gb))
+
+    def stop(self, model_id: str, generation: int) -> None:
+        """Stop the child of load ``generation`` (SIGTERM, SIGKILL after its ``stop_timeout``);
+        post ``StopFinished`` once it is gone."""
+        self._spawn(self._stop(model_id, generation))
+
+    async def close(self) -> None:
+        """Abandon the loads and stops under way, then stop every child still running."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        runs = list(self._running.values())
+        self._running.clear()
+        await asyncio.gather(
+            *(run.child.stop(run.stop_timeout) for run in runs if run.child.returncode is None),
+            return_exceptions=True,
+        )
+
+    # ------------------------------------------------------------------ slow work
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _load(
+        self, model_id: str, generation: int, spec: ModelConfig, on_cpu: bool, need_gb: float
+    ) -> None:
+        try:
+            launch = self.launch_spec(model_id, spec, on_cpu)
+            if self.measurer is not None and need_gb > 0:
+                await self.measurer.wait_free(model_id, need_gb)
+            child = await self.launcher.launch(launch)
+        except LaunchFailed as exc:
+            self._post(LoadFinished(model_id, generation, error=exc.describe()))
+            return
+        except Exception as exc:  # e.g. an engine's missing package: a failed load, not a crash
+            self._post(LoadFinished(model_id, generation, error=str(exc)))
+            return
+        self._running[model_id] = _Running(generation, child, launch.stop_timeout)
+        self._post(LoadFinished(model_id, generation, pid=child.pid))
+        if self.measurer is not None:
+            self.measurer.started(model_id, generation, child, None if on_cpu else spec)
+        returncode = await child.wait_exit()
+        self._post(
+            ProcessExited(model_id, generation, returncode, "\n".join(child.log_tail()[-20:]))
+        )
+
+    async def _stop(self, model_id: str, generation: int) -> None:
+        run = self._running.get(model_id)
+        if run is not None and run.generation == generation:
+            await asyncio.shield(run.child.stop(run.stop_timeout))
+        self._post(StopFinished(model_id, generation))
