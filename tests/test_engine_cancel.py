@@ -258,7 +258,9 @@ def test_piper_disconnect_stops_a_long_synthesis(piper: Server) -> None:
             response_format="pcm",
             extra_headers={REQUEST_ID_HEADER: "tts-gone"},
         ) as response:
-            next(response.iter_bytes())
+            # Keep the iterator: a dropped one is closed, and closes the connection with it.
+            chunks = response.iter_bytes()
+            next(chunks)
             assert "tts-gone" in _in_progress(piper)
         # Leaving the block unread closes the connection.
         took = _wait_gone(piper, "tts-gone")
@@ -392,7 +394,8 @@ def test_llmux_keeps_the_model_busy_until_its_work_for_a_gone_client_stopped(
     with client.audio.speech.with_streaming_response.create(
         model="voice", voice="alloy", input=LONG_TEXT, response_format="pcm"
     ) as response:
-        next(response.iter_bytes())
+        chunks = response.iter_bytes()  # kept: a dropped iterator closes the connection
+        next(chunks)
         assert server.model("voice")["in_flight"] == 1
     # The client is gone. The model is not idle until the engine says its work stopped, and the
     # relay logs that before it releases the lease.
