@@ -28,6 +28,20 @@ FORBIDDEN = {
     ),
 }
 
+ALLOWED = {
+    # docs/architecture.md, "Which package may import which": what each package may import
+    # of llmux besides itself.
+    "llmux.engines": ("llmux.errors", "llmux.api.errors"),
+    "llmux.backends": ("llmux.errors", "llmux.logs", "llmux.scheduling.launcher"),
+    "llmux.config": ("llmux.errors", "llmux.engines.args", "llmux.engines.packaged"),
+    "llmux.errors": (),
+    "llmux.sim": ("llmux.config", "llmux.errors", "llmux.scheduling"),
+}
+DENIED = {
+    "llmux.api": ("llmux.cli", "llmux.serve", "llmux.sim"),
+    "llmux.serve": ("llmux.cli",),
+}
+
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(SRC).with_suffix("").parts)
@@ -84,3 +98,27 @@ def test_the_reader_sees_every_kind_of_import() -> None:
     got = imported(sample, "llmux.scheduling.sample")
     assert {"llmux.backends.process", "llmux.engines.args", "llmux.launch.launch_spec"} <= got
     assert all(breaks(name, FORBIDDEN["llmux.scheduling"]) for name in got)
+
+
+def _modules_of(package: str) -> list[Path]:
+    base = SRC / Path(*package.split("."))
+    return sorted(base.rglob("*.py")) if base.is_dir() else [base.with_suffix(".py")]
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_package_imports_only_what_the_map_allows(package: str) -> None:
+    allowed = (package, *ALLOWED[package])
+    for path in _modules_of(package):
+        bad = sorted(
+            name
+            for name in imported_by(path)
+            if (name == "llmux" or name.startswith("llmux.")) and not breaks(name, allowed)
+        )
+        assert not bad, f"{module_name(path)} imports {bad}; docs/architecture.md allows {allowed}"
+
+
+@pytest.mark.parametrize("package", sorted(DENIED))
+def test_package_imports_nothing_above_it(package: str) -> None:
+    for path in _modules_of(package):
+        bad = sorted(name for name in imported_by(path) if breaks(name, DENIED[package]))
+        assert not bad, f"{module_name(path)} imports {bad} (docs/architecture.md)"
