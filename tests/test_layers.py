@@ -22,6 +22,7 @@ FORBIDDEN = {
         "llmux.backends",
         "llmux.launch",
         "llmux.api",
+        "llmux.observe",
         "llmux.sim",
         "llmux.cli",
         "llmux.serve",

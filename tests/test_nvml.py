@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from llmux.api.app import LlmuxApp
+from llmux.api.wire import Status
 from llmux.backends.process import ProcessLauncher
 from llmux.config import Config
 from llmux.gpu import NvmlProbe, in_groups, open_probe, pgid_of
@@ -121,8 +122,13 @@ async def app_client(
         await app.shutdown()
 
 
+def status_body(s: Scheduler) -> dict[str, Any]:
+    """The /status body of ``s``."""
+    return Status.from_snapshot(s.snapshot()).model_dump(mode="json")
+
+
 def model(s: Scheduler, model_id: str) -> dict[str, Any]:
-    found: dict[str, Any] = next(m for m in s.status()["models"] if m["id"] == model_id)
+    found: dict[str, Any] = next(m for m in status_body(s)["models"] if m["id"] == model_id)
     return found
 
 
@@ -259,7 +265,7 @@ async def test_measured_use_becomes_the_reservation_and_is_kept(tmp_path: Path) 
     async with scheduler(config, FakeGpu(total=8)) as s:
         assert model(s, "a")["vram_gb"] == 4.0
         assert model(s, "a")["measured_gb"] is None
-        assert s.status()["vram"]["reserved_gb"] == 0
+        assert status_body(s)["vram"]["reserved_gb"] == 0
 
 
 @pytest.mark.asyncio

@@ -10,6 +10,7 @@ import re
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from llmux.observe import QUEUE_BUCKETS, Observer
+from llmux.scheduling.snapshot import SchedulerSnapshot
 
 # Waits on and around the bucket bounds (a bound itself counts in its bucket), past the last
 # one, and None (a request answered before it waited: no queue time).
@@ -23,7 +24,7 @@ def exposition(registry: CollectorRegistry) -> str:
 
 def test_request_metrics_expose_as_prometheus_client_would() -> None:
     observer = Observer()
-    observer.bind(lambda: (1.0, 0.0, []))
+    observer.bind(lambda: SchedulerSnapshot(1.0, 0.0, None, ()))
     reference = CollectorRegistry(auto_describe=False)
     requests = Counter(
         "llmux_requests",

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import quote
 
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
+
+    from llmux.api.wire import ModelStatus, Status, VramStatus
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -272,10 +274,10 @@ def _bar(used: float, total: float, width: int, unicode: bool) -> tuple[str, str
     return full * filled, empty * (width - filled), style
 
 
-def _vram_line(vram: dict[str, Any], unicode: bool) -> Text:
+def _vram_line(vram: VramStatus, unicode: bool) -> Text:
     from rich.text import Text
 
-    budget, reserved = float(vram.get("budget_gb") or 0), float(vram.get("reserved_gb") or 0)
+    budget, reserved = vram.budget_gb, vram.reserved_gb
     filled, empty, style = _bar(reserved, budget, 24, unicode)
     line = Text("VRAM ", style="bold")
     line.append(f"{reserved:.1f} / {budget:.1f} GB reserved  [")
@@ -284,19 +286,19 @@ def _vram_line(vram: dict[str, Any], unicode: bool) -> Text:
     line.append("]")
     if budget > 0:
         line.append(f" {100 * reserved / budget:.0f}%")
-    if vram.get("measured_gb") is not None:
-        line.append(f"  measured {vram['measured_gb']:.1f} GB", style="dim")
+    if vram.measured_gb is not None:
+        line.append(f"  measured {vram.measured_gb:.1f} GB", style="dim")
     return line
 
 
-def _models_table(models: list[dict[str, Any]], now: float, error_width: int) -> Table:
+def _models_table(models: Sequence[ModelStatus], now: float, error_width: int) -> Table:
     """The table of models; no LAST ERROR column when ``error_width`` is 0."""
     from rich import box
     from rich.table import Table
     from rich.text import Text
 
-    measured = any(m.get("measured_gb") is not None for m in models)
-    pinned = any(m.get("pinned") for m in models)
+    measured = any(m.measured_gb is not None for m in models)
+    pinned = any(m.pinned for m in models)
     table = Table(
         box=box.SIMPLE_HEAD,
         pad_edge=False,
@@ -307,7 +309,7 @@ def _models_table(models: list[dict[str, Any]], now: float, error_width: int) ->
         caption_justify="left",
         caption_style="dim",
     )
-    longest = max((len(str(m.get("id", ""))) + 1 for m in models), default=5)
+    longest = max((len(m.id) + 1 for m in models), default=5)
     table.add_column("MODEL", overflow="fold", min_width=min(longest, 16))
     for title in ("TYPE", "TIER", "STATE"):
         table.add_column(title, no_wrap=True)
@@ -317,40 +319,46 @@ def _models_table(models: list[dict[str, Any]], now: float, error_width: int) ->
     if error_width:
         table.add_column("LAST ERROR", no_wrap=True, overflow="ellipsis")
     for m in models:
-        state = str(m.get("state", "?"))
-        pid = m.get("pid")
+        state = m.state.value
         row = [
-            Text(str(m.get("id", "?")) + ("*" if m.get("pinned") else "")),
-            Text(str(m.get("type", ""))),
-            Text(str(m.get("tier", ""))),
+            Text(m.id + ("*" if m.pinned else "")),
+            Text(m.type or ""),
+            Text(m.tier),
             Text(state, style=_STATE_STYLE.get(state, "")),
-            Text(_gb(m.get("vram_gb"))),
-            *([Text(_gb(m.get("measured_gb")))] if measured else []),
-            Text(str(m.get("in_flight", 0))),
-            Text(str(m.get("queued", 0))),
-            Text("-" if pid is None else str(pid)),
-            Text(_ago(m.get("last_used"), now)),
+            Text(_gb(m.vram_gb)),
+            *([Text(_gb(m.measured_gb))] if measured else []),
+            Text(str(m.in_flight)),
+            Text(str(m.queued)),
+            Text("-" if m.pid is None else str(m.pid)),
+            Text(_ago(m.last_used, now)),
         ]
         if error_width:
-            row.append(Text(_truncate(m.get("last_error"), error_width), style="red"))
+            row.append(Text(_truncate(m.last_error, error_width), style="red"))
         table.add_row(*row)
     return table
 
 
-def render_status(body: dict[str, Any], console: Console, now: float | None = None) -> None:
-    """The `llmux status` view of a GET /status body: a VRAM line and a table of models.
+def render_status(
+    status: Status | Mapping[str, Any], console: Console, now: float | None = None
+) -> None:
+    """The `llmux status` view of a GET /status body (or the ``Status`` parsed from one): a VRAM
+    line and a table of models.
 
     Last errors are cut to fit: in the table where there is room, else as lines under it."""
     from rich.measure import Measurement
     from rich.text import Text
 
+    from llmux.api.wire import Status
+
+    if not isinstance(status, Status):
+        status = Status.model_validate(status)
     now = time.time() if now is None else now
-    console.print(_vram_line(body.get("vram", {}), console.encoding.lower().startswith("utf")))
-    models: list[dict[str, Any]] = list(body.get("models", []))
+    console.print(_vram_line(status.vram, console.encoding.lower().startswith("utf")))
+    models = status.models
     if not models:
         console.print("no models configured", style="dim")
         return
-    errors = [m for m in models if m.get("last_error")]
+    errors = [m for m in models if m.last_error]
     rest = Measurement.get(console, console.options, _models_table(models, now, 0)).maximum
     room = min(_ERROR_WIDTH, console.width - rest - 3)
     if not errors or room >= 20:
@@ -358,8 +366,8 @@ def render_status(body: dict[str, Any], console: Console, now: float | None = No
         return
     console.print(_models_table(models, now, 0))
     for m in errors:
-        line = Text(f"{m.get('id')}: ", style="bold")
-        line.append(_truncate(m.get("last_error"), max(20, console.width - len(line))), "red")
+        line = Text(f"{m.id}: ", style="bold")
+        line.append(_truncate(m.last_error, max(20, console.width - len(line))), "red")
         console.print(line, no_wrap=True, overflow="ellipsis")
 
 
@@ -375,11 +383,25 @@ def _stdout_console() -> Console:
 
 @_client
 def _status(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from llmux.api.wire import Status
+
     body = _client_call(args, "GET", "/status", read_timeout=READ_TIMEOUT_S)
+    try:
+        status = Status.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "the body"
+        _fail(
+            EXIT_ERROR,
+            f"unexpected answer from {_base_url(args)}/status (is it llmux?): "
+            f"{where}: {first['msg']}",
+        )
     if args.json:
-        print(json.dumps(body, indent=2))
+        print(json.dumps(body, indent=2))  # as the server sent it, fields unknown here too
         return 0
-    render_status(body, _stdout_console())
+    render_status(status, _stdout_console())
     return 0
 
 

@@ -1,7 +1,9 @@
 """What llmux shows of itself: scheduler events (/events, logs) and Prometheus metrics (/metrics).
 
-The scheduler's effects call ``Observer.record`` once per decision; the relay calls
-``request_done`` once per request. Metric names are part of the public contract (README).
+The scheduler's effects call ``Observer.record`` once per decision (an ``EventSnapshot``; /events
+sends it as the wire model ``llmux.api.wire.SchedulerEvent``); the relay calls ``request_done``
+once per request; the gauges are read from ``Scheduler.snapshot()`` at scrape time. Metric names
+are part of the public contract (README).
 """
 
 from __future__ import annotations
@@ -10,8 +12,7 @@ import asyncio
 import bisect
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -25,37 +26,10 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from llmux.scheduling.events import Notice
+from llmux.scheduling.snapshot import EventSnapshot, SchedulerSnapshot
 from llmux.scheduling.state import ModelState
 
 EVICTION_REASONS = frozenset({"priority", "ttl", "admin", "crash", "reload"})
-
-
-@dataclass(frozen=True)
-class SchedulerEvent:
-    """One line of /events: what happened, to whom, why, and the VRAM after it."""
-
-    ts: float
-    event: str
-    model: str
-    tier: str
-    reason: str
-    state: str
-    reserved_gb: float
-    budget_gb: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class ModelGauge:
-    model: str
-    tier: str
-    state: ModelState
-    in_flight: int
-    queued: int
-    measured_gb: float | None = None
-    """Last NVML measurement of its current process (None without NVML or before one)."""
 
 
 class _StateCollector(Collector):
@@ -65,14 +39,16 @@ class _StateCollector(Collector):
         self.observer = observer
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        budget, reserved, models = self.observer.snapshot()
+        snap = self.observer.snapshot()
         yield GaugeMetricFamily(
-            "llmux_vram_budget_bytes", "VRAM budget (total less reserve)", value=budget * 1e9
+            "llmux_vram_budget_bytes",
+            "VRAM budget (total less reserve)",
+            value=snap.budget_gb * 1e9,
         )
         yield GaugeMetricFamily(
             "llmux_vram_reserved_bytes",
             "Sum of reservations of loading, ready, draining and unloading models",
-            value=reserved * 1e9,
+            value=snap.reserved_gb * 1e9,
         )
         state = GaugeMetricFamily(
             "llmux_model_state",
@@ -86,13 +62,13 @@ class _StateCollector(Collector):
             "GPU memory its current process uses, last NVML measurement (only with NVML)",
             labels=["model"],
         )
-        for m in models:
+        for m in snap.models:
             for s in ModelState:
-                state.add_metric([m.model, m.tier, s.value], 1.0 if s is m.state else 0.0)
-            in_flight.add_metric([m.model], m.in_flight)
-            depth.add_metric([m.model], m.queued)
+                state.add_metric([m.id, m.tier, s.value], 1.0 if s is m.state else 0.0)
+            in_flight.add_metric([m.id], m.in_flight)
+            depth.add_metric([m.id], m.queued)
             if m.measured_gb is not None:
-                measured.add_metric([m.model], m.measured_gb * 1e9)
+                measured.add_metric([m.id], m.measured_gb * 1e9)
         yield state
         yield in_flight
         yield depth
@@ -195,23 +171,24 @@ class Observer:
         self.registry.register(self._requests)
         self.request_done = self._requests.request_done
         """``request_done(model, endpoint, code, queued_s)``: once per relayed request."""
-        self.recent: deque[SchedulerEvent] = deque(maxlen=recent)
-        self._subscribers: set[asyncio.Queue[SchedulerEvent | None]] = set()
+        self.recent: deque[EventSnapshot] = deque(maxlen=recent)
+        self._subscribers: set[asyncio.Queue[EventSnapshot | None]] = set()
         self._subscriber_buffer = subscriber_buffer
         self._load_started: dict[str, float] = {}
-        self._snapshot: Any = None
+        self._snapshot: Callable[[], SchedulerSnapshot] | None = None
 
-    def bind(self, snapshot: Any) -> None:
-        """``snapshot()`` -> (budget_gb, reserved_gb, [ModelGauge]) for the scrape-time gauges."""
+    def bind(self, snapshot: Callable[[], SchedulerSnapshot]) -> None:
+        """Read the gauges (VRAM, states, in flight, queued) from ``snapshot()`` at scrape time
+        (``Scheduler.snapshot``)."""
         self._snapshot = snapshot
         self.registry.register(_StateCollector(self))
 
-    def snapshot(self) -> tuple[float, float, list[ModelGauge]]:
-        result: tuple[float, float, list[ModelGauge]] = self._snapshot()
-        return result
+    def snapshot(self) -> SchedulerSnapshot:
+        assert self._snapshot is not None, "bind() first"
+        return self._snapshot()
 
-    def record(self, event: SchedulerEvent) -> None:
-        kind = Notice(event.event)
+    def record(self, event: EventSnapshot) -> None:
+        kind = event.event
         if kind is Notice.LOADING:
             self._load_started[event.model] = time.monotonic()
         elif kind in (Notice.READY, Notice.LOAD_FAILED):
@@ -233,10 +210,10 @@ class Observer:
                     queue.get_nowait()
                 queue.put_nowait(None)
 
-    def subscribe(self) -> asyncio.Queue[SchedulerEvent | None]:
-        queue: asyncio.Queue[SchedulerEvent | None] = asyncio.Queue(self._subscriber_buffer)
+    def subscribe(self) -> asyncio.Queue[EventSnapshot | None]:
+        queue: asyncio.Queue[EventSnapshot | None] = asyncio.Queue(self._subscriber_buffer)
         self._subscribers.add(queue)
         return queue
 
-    def unsubscribe(self, queue: asyncio.Queue[SchedulerEvent | None]) -> None:
+    def unsubscribe(self, queue: asyncio.Queue[EventSnapshot | None]) -> None:
         self._subscribers.discard(queue)

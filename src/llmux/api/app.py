@@ -62,7 +62,7 @@ class LlmuxApp:
             config, launcher, launch_spec=launch_spec, budget_gb=budget_gb, gpu=gpu
         )
         self.observer = Observer()
-        self.observer.bind(self.scheduler.gauges)
+        self.observer.bind(self.scheduler.snapshot)
         self.scheduler.listeners.append(self.observer.record)
         auth = self.auth = Authenticator(config.server)
         self._session: aiohttp.ClientSession | None = None

@@ -20,9 +20,11 @@ from starlette.routing import Route
 from llmux.api.auth import Access, Authenticator
 from llmux.api.errors import exception_handlers
 from llmux.api.openapi import openapi_document
+from llmux.api.wire import ModelList, SchedulerEvent, Status
 from llmux.errors import InvalidRequest, LlmuxError, MethodNotAllowed, NotFound
-from llmux.observe import Observer, SchedulerEvent
+from llmux.observe import Observer
 from llmux.scheduling.runtime import Scheduler
+from llmux.scheduling.snapshot import EventSnapshot
 from llmux.static import status_page
 
 LOG_FOLLOW_POLL_S = 0.25
@@ -31,8 +33,9 @@ _NO_CACHE = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def _sse(event: SchedulerEvent) -> bytes:
-    return b"event: " + event.event.encode() + b"\ndata: " + orjson.dumps(event.as_dict()) + b"\n\n"
+def _sse(event: EventSnapshot) -> bytes:
+    data = orjson.dumps(SchedulerEvent.from_snapshot(event).model_dump(mode="json"))
+    return b"event: " + event.event.value.encode() + b"\ndata: " + data + b"\n\n"
 
 
 def _route_error(exc: HTTPException) -> LlmuxError:
@@ -69,32 +72,14 @@ def build_control(scheduler: Scheduler, auth: Authenticator, observer: Observer)
     async def health(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    # model_dump, then Starlette's JSON: the bytes are those of the dicts these routes sent before
+    # the wire models (pydantic's own JSON writes some floats differently).
     async def status(_: Request) -> Response:
-        return JSONResponse(scheduler.status())
+        return JSONResponse(Status.from_snapshot(scheduler.snapshot()).model_dump(mode="json"))
 
     async def models(_: Request) -> Response:
-        by_id = {m["id"]: m for m in scheduler.status()["models"]}
-        data = []
-        for model_id, m in scheduler.config.models.items():
-            s = by_id[model_id]
-            extra = {
-                "type": m.type,
-                "tier": s["tier"],
-                "state": s["state"],
-                "vram_gb": s["vram_gb"],
-                "in_flight": s["in_flight"],
-            }
-            for name in [model_id, *m.aliases]:
-                data.append(
-                    {
-                        "id": name,
-                        "object": "model",
-                        "created": 0,
-                        "owned_by": "llmux",
-                        "llmux": {**extra, "alias_of": None if name == model_id else model_id},
-                    }
-                )
-        return JSONResponse({"object": "list", "data": data})
+        listed = ModelList.from_snapshot(scheduler.snapshot(), scheduler.config)
+        return JSONResponse(listed.model_dump(mode="json"))
 
     async def load(request: Request) -> Response:
         model_id = scheduler.resolve(request.path_params["name"])

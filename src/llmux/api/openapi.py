@@ -7,8 +7,9 @@ its paths with the app's route table, and ``tests/test_fuzz.py`` runs schemathes
 llmux with it (undocumented statuses, fields or content types fail), so:
 
 **Every new route (and every new status, response field or checked request field) must be added
-here in the same change.** The Ollama routes of DESIGN section 2 are not served yet; add them here
-when they are.
+here in the same change.** The bodies of ``/status``, ``/v1/models`` and ``/events`` are
+described by their wire models (``llmux.api.wire``): change the model and the document follows.
+The Ollama routes of DESIGN section 2 are not served yet; add them here when they are.
 
 The document is built from the running config, for two things a client (or a fuzzer) cannot
 know otherwise: the ``maxLength`` of a speech ``input`` (``server.max_speech_chars``) and the ids
@@ -21,21 +22,19 @@ the open document says nothing about whether this server has keys.
 
 from __future__ import annotations
 
-from typing import Any, get_args
+from typing import Any
 
 import llmux
 from llmux.api.relay import ROUTE_TYPES
+from llmux.api.wire import wire_schemas
 from llmux.config import Config, ModelType
 from llmux.errors import LlmuxError
-from llmux.scheduling.state import ModelState
 
 OPENAPI_VERSION = "3.1.0"
 
 _ERROR = "#/components/schemas/Error"
 _SECURED: list[dict[str, list[str]]] = [{"bearer": []}]
 _OPEN: list[dict[str, list[str]]] = []
-
-_NULLABLE_NUMBER = {"type": ["number", "null"]}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -82,10 +81,11 @@ def _error_kinds() -> tuple[list[str], list[str]]:
 
 
 def _schemas() -> dict[str, Any]:
-    states = [s.value for s in ModelState]
-    types = list(get_args(ModelType))
     error_types, error_codes = _error_kinds()
     return {
+        # Status, ModelStatus, ModelList, Model, SchedulerEvent and the rest of llmux.api.wire:
+        # from the wire models themselves, so the document cannot drift from what is sent.
+        **wire_schemas("#/components/schemas/{model}"),
         "Error": _strict(
             ["error"],
             {
@@ -124,98 +124,22 @@ def _schemas() -> dict[str, Any]:
             "stream). An error after a relayed stream started is `event: error` whose data is "
             "the error envelope (`Error`), and the stream then ends without `[DONE]`.",
         },
+        "SchedulerEventSse": {
+            "type": "object",
+            "properties": {
+                "event": _ref("Notice"),
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": _ref("SchedulerEvent"),
+                },
+            },
+            "description": "One event of `GET /events`: named by what happened, its data a "
+            "`SchedulerEvent` as JSON.",
+        },
         "Health": _strict(["status"], {"status": {"const": "ok"}}),
-        "Status": _strict(
-            ["vram", "models"],
-            {
-                "vram": _strict(
-                    ["budget_gb", "reserved_gb", "measured_gb"],
-                    {
-                        "budget_gb": {"type": "number", "description": "The VRAM budget, GB."},
-                        "reserved_gb": {
-                            "type": "number",
-                            "description": "Reserved by resident models, GB.",
-                        },
-                        "measured_gb": {
-                            **_NULLABLE_NUMBER,
-                            "description": "Used on the device (NVML), GB; null without NVML.",
-                        },
-                    },
-                ),
-                "models": {"type": "array", "items": _ref("ModelStatus")},
-            },
-        ),
-        "ModelStatus": _strict(
-            [
-                "id",
-                "type",
-                "tier",
-                "state",
-                "vram_gb",
-                "placement",
-                "measured_gb",
-                "pinned",
-                "in_flight",
-                "queued",
-                "last_used",
-                "pid",
-                "last_error",
-            ],
-            {
-                "id": {"type": "string"},
-                "type": {"enum": [*types, None]},
-                "tier": {"type": "string"},
-                "state": {"enum": states},
-                "vram_gb": {"type": "number", "description": "The reservation on the GPU, GB."},
-                "placement": {
-                    "enum": ["gpu", "cpu"],
-                    "description": "cpu: loaded without the GPU (its fallback), holding no VRAM.",
-                },
-                "measured_gb": {
-                    **_NULLABLE_NUMBER,
-                    "description": "Last measured use of its process on the GPU; null without "
-                    "NVML or when not resident.",
-                },
-                "pinned": {"type": "boolean"},
-                "in_flight": {"type": "integer", "minimum": 0},
-                "queued": {"type": "integer", "minimum": 0},
-                "last_used": {**_NULLABLE_NUMBER, "description": "Unix time."},
-                "pid": {"type": ["integer", "null"]},
-                "last_error": {
-                    "type": ["string", "null"],
-                    "description": "The reason of the last failed load or crash.",
-                },
-            },
-        ),
-        "ModelList": _strict(
-            ["object", "data"],
-            {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}},
-        ),
-        "Model": _strict(
-            ["id", "object", "created", "owned_by", "llmux"],
-            {
-                "id": {"type": "string", "description": "A model id or one of its aliases."},
-                "object": {"const": "model"},
-                "created": {"type": "integer"},
-                "owned_by": {"type": "string"},
-                "llmux": _strict(
-                    ["type", "tier", "state", "vram_gb", "in_flight", "alias_of"],
-                    {
-                        "type": {"enum": types},
-                        "tier": {"type": "string"},
-                        "state": {"enum": states},
-                        "vram_gb": {"type": "number"},
-                        "in_flight": {"type": "integer", "minimum": 0},
-                        "alias_of": {
-                            "type": ["string", "null"],
-                            "description": "The model id this alias names; null for the id.",
-                        },
-                    },
-                ),
-            },
-        ),
         "ModelAction": _strict(
-            ["id", "state"], {"id": {"type": "string"}, "state": {"enum": states}}
+            ["id", "state"], {"id": {"type": "string"}, "state": _ref("ModelState")}
         ),
         "ModelLogs": _strict(
             ["id", "lines"],
@@ -592,8 +516,9 @@ def _own_paths(config: Config) -> dict[str, Any]:
                 "parameters": [_flag("replay", "true: first send the recent events again.")],
                 "responses": {
                     "200": {
-                        "description": "Server-sent events: `event: <kind>` and `data: {...}`.",
-                        "content": {"text/event-stream": {"schema": _ref("SseEvent")}},
+                        "description": "Server-sent events: `event: <kind>` and `data: {...}` "
+                        "(a `SchedulerEvent`).",
+                        "content": {"text/event-stream": {"schema": _ref("SchedulerEventSse")}},
                     },
                     **_common(keyed=True),
                 },

@@ -4,7 +4,7 @@
 ``Acquire`` and ``Release``, an admin load or unload, a load finished, a process exited, a timer)
 goes through ``post`` to ``_handle`` and so to ``SchedulerCore.handle``: at once when the owner is
 idle, else through the owner task's queue, in order. Routes talk to it only through
-``try_acquire``/``acquire``/``release``/``load``/``unload``/``status``.
+``try_acquire``/``acquire``/``release``/``load``/``unload``/``snapshot``.
 
 It carries out the core's ``Effects``: grants, answers and rejections resolve the waiting
 requests here; timers are loop timers that post their event; ``notify`` logs and tells the
@@ -22,12 +22,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from llmux.config import Config
 from llmux.errors import LlmuxError, ModelNotFound
 from llmux.gpu import GpuProbe
-from llmux.observe import ModelGauge, SchedulerEvent
 from llmux.scheduling.core import SchedulerCore
 from llmux.scheduling.events import (
     Acquire,
@@ -43,11 +41,12 @@ from llmux.scheduling.launcher import Child, Launcher, SpecBuilder
 from llmux.scheduling.learned import LearnedStore, state_dir
 from llmux.scheduling.measurer import GpuMeasurer
 from llmux.scheduling.processes import Processes
+from llmux.scheduling.snapshot import EventSnapshot, ModelSnapshot, SchedulerSnapshot
 from llmux.scheduling.state import RESIDENT, ModelRecord, ModelState, StopReason, WaiterKind
 
 log = logging.getLogger("llmux.scheduler")
 
-Listener = Callable[[SchedulerEvent], None]
+Listener = Callable[[EventSnapshot], None]
 
 
 @dataclass(slots=True)
@@ -233,35 +232,28 @@ class Scheduler:
         """The model's current child, or its last one (exited: kept for its log lines)."""
         return self.processes.child(model_id)
 
-    def status(self) -> dict[str, Any]:
+    def snapshot(self) -> SchedulerSnapshot:
+        """A typed copy of the state, for /status, /v1/models and the /metrics gauges."""
         core = self.core
-        models = []
-        for mid, m in core.models.items():
-            models.append(
-                {
-                    "id": mid,
-                    "type": m.spec.type if m.spec else None,
-                    "tier": m.tier,
-                    "state": m.state.value,
-                    "vram_gb": m.gpu_gb,
-                    "placement": "cpu" if m.on_cpu else "gpu",
-                    "measured_gb": self._measured_gb(m),
-                    "pinned": m.pinned,
-                    "in_flight": m.in_flight,
-                    "queued": len(m.waiters),
-                    "last_used": m.last_used,
-                    "pid": m.pid,
-                    "last_error": m.last_error,
-                }
+        models = tuple(
+            ModelSnapshot(
+                id=mid,
+                type=m.spec.type if m.spec else None,
+                tier=m.tier,
+                state=m.state,
+                vram_gb=m.gpu_gb,
+                placement="cpu" if m.on_cpu else "gpu",
+                measured_gb=self._measured_gb(m),
+                pinned=m.pinned,
+                in_flight=m.in_flight,
+                queued=len(m.waiters),
+                last_used=m.last_used,
+                pid=m.pid,
+                last_error=m.last_error,
             )
-        return {
-            "vram": {
-                "budget_gb": core.budget_gb,
-                "reserved_gb": round(core.reserved_gb, 6),
-                "measured_gb": self._device_used_gb(),
-            },
-            "models": models,
-        }
+            for mid, m in core.models.items()
+        )
+        return SchedulerSnapshot(core.budget_gb, core.reserved_gb, self._device_used_gb(), models)
 
     def _measured_gb(self, m: ModelRecord) -> float | None:
         """The last measured use of ``m``'s current process on the GPU; None if there is none."""
@@ -308,13 +300,13 @@ class Scheduler:
 
     def notify(self, notice: Notice, model_id: str, reason: str) -> None:
         m = self.core.models[model_id]
-        event = SchedulerEvent(
+        event = EventSnapshot(
             ts=time.time(),
-            event=notice.value,
+            event=notice,
             model=model_id,
             tier=m.tier,
             reason=reason,
-            state=m.state.value,
+            state=m.state,
             reserved_gb=round(self.core.reserved_gb, 6),
             budget_gb=self.core.budget_gb,
         )
@@ -330,12 +322,3 @@ class Scheduler:
         )
         for listener in self.listeners:
             listener(event)
-
-    def gauges(self) -> tuple[float, float, list[ModelGauge]]:
-        """(budget, reserved, per-model gauges) for /metrics, read at scrape time."""
-        core = self.core
-        models = [
-            ModelGauge(mid, m.tier, m.state, m.in_flight, len(m.waiters), self._measured_gb(m))
-            for mid, m in core.models.items()
-        ]
-        return core.budget_gb, core.reserved_gb, models
