@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +230,21 @@ def test_json_logs_carry_each_decision(start_server: StartServer, tmp_path: Path
     assert evicted["budget_gb"] == 4
     assert [e["event"] for e in events if e["model"] == "b"][:3] == ["queued", "loading", "ready"]
     assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+
+
+def test_open_streams_do_not_hold_up_a_shutdown(start_server: StartServer, tmp_path: Path) -> None:
+    """An open /events stream (a status page left open) and a followed log end at SIGTERM:
+    llmux stops at once instead of waiting shutdown_grace (30 s) for streams that never end."""
+    server = start_server(two_llms(tmp_path))
+    chat(server.client(), "a")
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream("GET", server.url + "/events") as events,
+        client.stream("GET", server.url + "/models/a/logs?follow=true") as logs,
+    ):
+        assert next(events.iter_lines()).startswith(": llmux events")
+        assert logs.status_code == 200
+        began = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(25) in (0, -signal.SIGTERM)
+        assert time.monotonic() - began < 10

@@ -173,6 +173,8 @@ class Observer:
         """``request_done(model, endpoint, code, queued_s)``: once per relayed request."""
         self.recent: deque[EventSnapshot] = deque(maxlen=recent)
         self._subscribers: set[asyncio.Queue[EventSnapshot | None]] = set()
+        self.closed = False
+        """Set by ``close()`` at shutdown: no stream is served any more."""
         self._subscriber_buffer = subscriber_buffer
         self._load_started: dict[str, float] = {}
         self._snapshot: Callable[[], SchedulerSnapshot] | None = None
@@ -212,8 +214,21 @@ class Observer:
 
     def subscribe(self) -> asyncio.Queue[EventSnapshot | None]:
         queue: asyncio.Queue[EventSnapshot | None] = asyncio.Queue(self._subscriber_buffer)
-        self._subscribers.add(queue)
+        if self.closed:
+            queue.put_nowait(None)
+        else:
+            self._subscribers.add(queue)
         return queue
+
+    def close(self) -> None:
+        """llmux is stopping: every stream that never ends by itself (/events, followed logs)
+        ends now, so that the server's graceful shutdown waits only for real requests."""
+        self.closed = True
+        for queue in list(self._subscribers):
+            self._subscribers.discard(queue)
+            while not queue.empty():
+                queue.get_nowait()
+            queue.put_nowait(None)
 
     def unsubscribe(self, queue: asyncio.Queue[EventSnapshot | None]) -> None:
         self._subscribers.discard(queue)

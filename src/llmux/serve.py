@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 from dataclasses import dataclass
 
 from llmux.config import print_config_error, read_config
@@ -58,7 +60,16 @@ def serve(options: ServeOptions) -> int:
         config.server.max_connections,
         file_limit,
     )
-    uvicorn.run(
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # /events and followed logs never end by themselves: end them first, so that the
+            # graceful shutdown waits for requests in flight only (not shutdown_grace for an
+            # open status page).
+            app.observer.close()
+            await super().shutdown(sockets)
+
+    uvicorn_config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -75,6 +86,11 @@ def serve(options: ServeOptions) -> int:
         log_config=None,
         timeout_graceful_shutdown=int(config.server.shutdown_grace) or None,
     )
+    server = Server(uvicorn_config)
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: a second Ctrl-C
+        server.run()
+    if not server.started:
+        return 3  # uvicorn.run's exit status when start-up fails
     if gpu is not None:
         gpu.close()
     logging.getLogger("llmux").info("llmux stopped")

@@ -120,7 +120,7 @@ def build_control(scheduler: Scheduler, auth: Authenticator, observer: Observer)
         async def tail() -> AsyncIterator[bytes]:
             seen = 0
             current = None
-            while True:
+            while not observer.closed:  # ends at shutdown (Observer.close)
                 latest = scheduler.child(model_id)
                 if latest is not current:  # a new process: start from its first kept line
                     current, seen = latest, 0
