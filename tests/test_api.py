@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import socket
 import threading
+import time
 import wave
 from pathlib import Path
 from typing import Any
@@ -437,6 +439,42 @@ def test_sigterm_stops_children(start_server: StartServer, tmp_path: Path) -> No
     pid = server.model("a")["pid"]
     assert server.stop() in (0, -15)  # uvicorn re-raises SIGTERM after a clean shutdown
     assert _gone(pid)  # stopped before llmux exited, not left to the parent-death signal
+
+
+def test_sigterm_does_not_wait_for_a_load(start_server: StartServer, tmp_path: Path) -> None:
+    """A load under way at SIGTERM can serve nobody: it is abandoned (its child killed), and
+    llmux stops at once instead of waiting shutdown_grace for a child that is not ready."""
+    cfg = f"""
+server: {{shutdown_grace: 60s}}
+models:
+  slow:
+    type: llm
+    vram_gb: 1
+    ready_timeout: 120s
+    cmd: {upstream_cmd(tmp_path, "slow", "--never-ready")}
+"""
+    server = start_server(cfg)
+    answers: list[int] = []
+
+    def ask() -> None:
+        try:
+            chat(server.client(), "slow")
+        except openai.APIStatusError as exc:
+            answers.append(exc.status_code)
+        except openai.APIConnectionError:
+            answers.append(0)
+
+    waiting = threading.Thread(target=ask)
+    waiting.start()
+    wait_until(lambda: server.model("slow")["state"] == "loading", 20, "the load")
+    pid = httpx.get(server.upstream("slow") + "/_stats", timeout=10).json()["pid"]
+    began = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(50) in (0, -signal.SIGTERM)
+    assert time.monotonic() - began < 15
+    waiting.join(20)
+    assert answers == [503]
+    assert _gone(pid)
 
 
 # ---------------------------------------------------------------- errors and auth

@@ -63,10 +63,10 @@ def serve(options: ServeOptions) -> int:
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-            # /events and followed logs never end by themselves: end them first, so that the
-            # graceful shutdown waits for requests in flight only (not shutdown_grace for an
-            # open status page).
-            app.observer.close()
+            # Before uvicorn waits for the connections: streams that never end by themselves
+            # (an open status page) end, and requests waiting for a model are answered, so the
+            # graceful shutdown waits for requests in flight only.
+            app.begin_shutdown()
             await super().shutdown(sockets)
 
     uvicorn_config = uvicorn.Config(

@@ -111,6 +111,13 @@ class LlmuxApp:
             else "no NVML: reservations as configured",
         )
 
+    def begin_shutdown(self) -> None:
+        """SIGTERM (the server stops accepting): end the streams that never end by themselves
+        (/events, followed logs), answer the requests still waiting for a model, abandon the
+        loads under way. Requests in flight go on for shutdown_grace."""
+        self.observer.close()
+        self.scheduler.begin_shutdown()
+
     async def shutdown(self) -> None:
         for task in list(self._background):
             task.cancel()

@@ -49,6 +49,8 @@ class Processes:
         self._running: dict[str, _Running] = {}
         """Each model's current child (or its last one, kept for its log lines)."""
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loading: dict[str, asyncio.Task[None]] = {}
+        """Each model's load under way (until its child is ready or the load failed)."""
 
     def child(self, model_id: str) -> Child | None:
         """The model's current child, or its last one (exited: kept for its log lines)."""
@@ -60,7 +62,20 @@ class Processes:
     ) -> None:
         """Launch ``spec`` (its ``cpu_fallback`` variant if ``on_cpu``), once ``need_gb`` shows
         free on the device; post ``LoadFinished``, then ``ProcessExited`` when it exits."""
-        self._spawn(self._load(model_id, generation, spec, on_cpu, need_gb))
+        task = self._spawn(self._load(model_id, generation, spec, on_cpu, need_gb))
+        self._loading[model_id] = task
+        task.add_done_callback(lambda done: self._forget_load(model_id, done))
+
+    def _forget_load(self, model_id: str, task: asyncio.Task[None]) -> None:
+        if self._loading.get(model_id) is task:
+            del self._loading[model_id]
+
+    def abandon_loads(self) -> None:
+        """At shutdown: a load under way can serve nobody any more (its waiters were answered).
+        Cancel it: the launcher kills what it started, and ``LoadFinished`` reports the load
+        failed, so the shutdown does not wait for a child to get ready only to stop it."""
+        for task in list(self._loading.values()):
+            task.cancel()
 
     def stop(self, model_id: str, generation: int) -> None:
         """Stop the child of load ``generation`` (SIGTERM, SIGKILL after its ``stop_timeout``);
@@ -81,10 +96,11 @@ class Processes:
 
     # ------------------------------------------------------------------ slow work
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _load(
         self, model_id: str, generation: int, spec: ModelConfig, on_cpu: bool, need_gb: float
@@ -94,6 +110,10 @@ class Processes:
             if self.measurer is not None and need_gb > 0:
                 await self.measurer.wait_free(model_id, need_gb)
             child = await self.launcher.launch(launch)
+        except asyncio.CancelledError:
+            # abandon_loads (shutdown) or close: the launcher has killed what it started.
+            self._post(LoadFinished(model_id, generation, error="load abandoned: llmux stops"))
+            raise
         except LaunchFailed as exc:
             self._post(LoadFinished(model_id, generation, error=exc.describe()))
             return

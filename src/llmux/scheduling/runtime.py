@@ -100,6 +100,8 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._futures: dict[int, asyncio.Future[Lease | None]] = {}
         self._owner: asyncio.Task[None] | None = None
+        self._closing = False
+        """``begin_shutdown`` ran: Shutdown is posted once."""
         self._all_unloaded = asyncio.Event()
         self._handling = False
         self._trying = 0
@@ -156,11 +158,20 @@ class Scheduler:
         else:
             self._queue.put_nowait(event)
 
+    def begin_shutdown(self) -> None:
+        """llmux is stopping (SIGTERM): answer every waiting request (503, shutting down),
+        abandon the loads under way, doom the ready models; requests in flight go on. Once."""
+        if self._owner is None or self._closing:
+            return
+        self._closing = True
+        self.post(Shutdown())
+        self.processes.abandon_loads()
+
     async def shutdown(self, grace: float) -> None:
         """Reject waiters, let in-flight requests finish for ``grace`` s, then stop every child."""
         if self._owner is None:
             return
-        self.post(Shutdown())
+        self.begin_shutdown()
         try:
             await asyncio.wait_for(self._all_unloaded.wait(), grace)
         except TimeoutError:
