@@ -197,16 +197,34 @@ def _default_config_with(**server_keys: Any) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
+def spoken_and_heard(server: Server, text: str) -> tuple[bytes, str]:
+    """``text`` spoken by the default voice and heard by Whisper: (the WAV, what it heard).
+
+    Piper draws random noise for each synthesis, and whisper-tiny now and then mishears a short
+    phrase ("below there" for "Hello there.": 1 in 20, measured with the old and the new Piper
+    engine alike). Up to three syntheses: the first one heard as written is returned, else the
+    last, whose transcript the caller's assertion then shows."""
+    want = normalise(text)
+    with server.client(timeout=120) as client:
+        for _ in range(3):
+            audio = speak(server, text)
+            heard = client.audio.transcriptions.create(model="whisper", file=("s.wav", audio))
+            if normalise(heard.text) == want:
+                break
+    return audio, heard.text
+
+
 def test_upload_over_max_upload_mb_is_413(start_server: StartServer) -> None:
     server = start_server(_default_config_with(max_upload_mb=0.2))  # 200,000 bytes
-    small = speak(server, "Hello.")
+    small, heard = spoken_and_heard(server, "Hello.")
+    assert normalise(heard) == ["hello"]
     assert len(small) < 200_000
     big = small + b"\0" * 300_000
-    with server.client(timeout=120) as client:
-        text = client.audio.transcriptions.create(model="whisper", file=("s.wav", small))
-        assert normalise(text.text) == ["hello"]
-        with pytest.raises(openai.APIStatusError) as too_large:
-            client.audio.transcriptions.create(model="whisper", file=("big.wav", big))
+    with (
+        server.client(timeout=120) as client,
+        pytest.raises(openai.APIStatusError) as too_large,
+    ):
+        client.audio.transcriptions.create(model="whisper", file=("big.wav", big))
     assert too_large.value.status_code == 413
     body: Any = too_large.value.body
     assert set(body) == {"message", "type", "param", "code"}  # the SDK unwraps "error"
@@ -241,13 +259,12 @@ def test_status_pinned_whisper_then_all_ready(start_server: StartServer) -> None
     assert whisper["last_used"] is None  # loaded for nobody's request
     assert server.status()["vram"]["reserved_gb"] == pytest.approx(1.0)
 
-    spoken = speak(server, "Hello there.")
+    _, heard = spoken_and_heard(server, "Hello there.")
     with server.client(timeout=120) as client:
-        heard = client.audio.transcriptions.create(model="whisper", file=("s.wav", spoken))
         reply = client.chat.completions.create(
             model="gpt-4o-mini", messages=PARIS, temperature=0, max_tokens=8
         )
-    assert normalise(heard.text) == ["hello", "there"]
+    assert normalise(heard) == ["hello", "there"]
     assert reply.choices[0].message.content
 
     status = server.status()
