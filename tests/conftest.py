@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -18,24 +17,16 @@ import pytest
 from openai import OpenAI
 
 from llmux.backends.process import free_port
+from tests.engine_children import (  # the engine fixtures, for every test module
+    llama,  # noqa: F401
+    piper,  # noqa: F401
+    whisper,  # noqa: F401
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TESTS = Path(__file__).parent
 UPSTREAM = TESTS / "upstream.py"
-
-
-def require_engine(engine: str, model: str, *modules: str) -> None:
-    """Skip the test, saying what to install, unless the engine's modules and model are there."""
-    from llmux.engines import EngineError, resolve_model
-
-    for module in modules:
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"engine {engine!r} needs {module}: pip install 'llmux[engines]'")
-    try:
-        resolve_model(engine, model)
-    except EngineError as e:
-        pytest.skip(str(e))
 
 
 def wait_until(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:

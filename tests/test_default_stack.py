@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from tests.audio import SENTENCE, assert_heard, normalise, wav_params
-from tests.conftest import Server, StartServer, require_engine
+from tests.conftest import Server, StartServer
+from tests.engine_children import require_engine
 
 pytestmark = [pytest.mark.engines, pytest.mark.slow]
 

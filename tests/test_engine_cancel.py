@@ -25,33 +25,13 @@ import pytest
 
 from llmux.engines import REQUEST_ID_HEADER, engine_cancel_path
 from tests.audio import SENTENCE
-from tests.conftest import StartServer, require_engine, wait_until
-from tests.test_engines import Server, _start
+from tests.conftest import StartServer, wait_until
+from tests.engine_children import Server, require_engine
 
 pytestmark = pytest.mark.engines
 
 STOP_BOUND_S = 5.0
 """The longest a cancel may take to answer ``stopped`` here (about 1 s unloaded)."""
-
-
-@pytest.fixture(scope="module")
-def piper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    require_engine("piper", "en_US-joe-medium", "piper")
-    yield from _start("piper", "en_US-joe-medium", {}, tmp_path_factory.mktemp("piper"))
-
-
-@pytest.fixture(scope="module")
-def whisper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    require_engine("faster-whisper", "whisper-tiny.en", "faster_whisper")
-    args = {"device": "cpu", "compute_type": "int8", "threads": 2}
-    yield from _start("faster-whisper", "whisper-tiny.en", args, tmp_path_factory.mktemp("asr"))
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    require_engine("llama-cpp", "smollm2-135m", "llama_cpp", "sse_starlette", "starlette_context")
-    args = {"n_ctx": 2048, "threads": 2, "n_threads_batch": 1, "model_alias": "smollm2"}
-    yield from _start("llama-cpp", "smollm2-135m", args, tmp_path_factory.mktemp("llm"))
 
 
 @pytest.fixture(scope="module")

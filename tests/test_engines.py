@@ -21,14 +21,12 @@ import sys
 import time
 import wave
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from openai import OpenAI
 
 from llmux.backends.process import free_port
 from llmux.engines import (
@@ -40,96 +38,14 @@ from llmux.engines import (
     check_args,
     engine_argv,
     engine_env,
-    engine_health_path,
     resolve_model,
 )
 from tests.audio import SENTENCE, assert_heard, wav_params
-from tests.conftest import require_engine
+from tests.engine_children import Server, require_engine
 
 pytestmark = pytest.mark.engines
 
-READY_TIMEOUT = 120.0
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-@dataclass
-class Server:
-    engine: str
-    proc: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-    ready_s: float
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self) -> OpenAI:
-        return OpenAI(base_url=self.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-    def log_tail(self) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
-
-
-def _start(engine: str, model: str, args: dict[str, Any], log_dir: Path) -> Iterator[Server]:
-    port = free_port()
-    argv = [a.replace(PORT_PLACEHOLDER, str(port)) for a in engine_argv(engine, model, args)]
-    env = engine_env(engine, os.environ)
-    env["HF_HUB_OFFLINE"] = "1"
-    log_path = log_dir / f"{engine}.log"
-    started = time.monotonic()
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    server = Server(engine, proc, port, log_path, 0.0)
-    try:
-        health = server.base_url + engine_health_path(engine)
-        deadline = started + READY_TIMEOUT
-        with httpx.Client(timeout=2.0) as http:
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"{engine} exited with {proc.returncode}:\n{server.log_tail()}")
-                try:
-                    if http.get(health).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"{engine} not ready in {READY_TIMEOUT}s:\n{server.log_tail()}")
-                time.sleep(0.05)  # bounded poll of a child's readiness
-        server.ready_s = time.monotonic() - started
-        print(f"{engine} ready in {server.ready_s:.2f}s", file=sys.stderr)
-        yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.fixture(scope="module")
-def piper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    require_engine("piper", "en_US-joe-medium", "piper")
-    yield from _start("piper", "en_US-joe-medium", {}, tmp_path_factory.mktemp("piper"))
-
-
-@pytest.fixture(scope="module")
-def whisper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    require_engine("faster-whisper", "whisper-tiny.en", "faster_whisper")
-    args = {"device": "cpu", "compute_type": "int8", "threads": 2}
-    yield from _start("faster-whisper", "whisper-tiny.en", args, tmp_path_factory.mktemp("asr"))
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    require_engine("llama-cpp", "smollm2-135m", "llama_cpp", "sse_starlette", "starlette_context")
-    # n_threads_batch as docs/engines.md advises for a busy 2-core box; the real server taking
-    # the flag is part of what this fixture checks.
-    args = {"n_ctx": 2048, "threads": 2, "n_threads_batch": 1, "model_alias": "smollm2"}
-    yield from _start("llama-cpp", "smollm2-135m", args, tmp_path_factory.mktemp("llm"))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from tests.conftest import Server, StartServer, require_engine
+from tests.conftest import Server, StartServer
+from tests.engine_children import require_engine
 
 pytestmark = [pytest.mark.engines, pytest.mark.slow]
 
