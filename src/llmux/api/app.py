@@ -14,6 +14,7 @@ import aiohttp
 
 from llmux.api.auth import Authenticator
 from llmux.api.control import build_control
+from llmux.api.errors import send_error
 from llmux.api.relay import (
     RELAY_PATHS,
     Receive,
@@ -21,7 +22,6 @@ from llmux.api.relay import (
     Scope,
     Send,
     UpstreamConnector,
-    send_error,
 )
 from llmux.config import Config
 from llmux.errors import ConfigError, MethodNotAllowed

@@ -22,8 +22,7 @@ import orjson
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from llmux.api.auth import Authenticator
-from llmux.api.errors import send_error as send_error  # app.py answers with it too
-from llmux.api.errors import sse_error
+from llmux.api.errors import send_error, sse_error
 from llmux.backends.base import Child
 from llmux.config import ModelConfig, ModelType
 from llmux.errors import (
