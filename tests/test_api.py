@@ -467,7 +467,16 @@ models:
     waiting = threading.Thread(target=ask)
     waiting.start()
     wait_until(lambda: server.model("slow")["state"] == "loading", 20, "the load")
-    pid = httpx.get(server.upstream("slow") + "/_stats", timeout=10).json()["pid"]
+    url = server.upstream("slow") + "/_stats"  # announced just before the child listens
+
+    def child_pid() -> int | None:
+        try:
+            found: int = httpx.get(url, timeout=10).json()["pid"]
+        except httpx.ConnectError:
+            return None
+        return found
+
+    pid: int = wait_until(child_pid, 20, "the loading child to listen")
     began = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(50) in (0, -signal.SIGTERM)
