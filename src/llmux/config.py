@@ -133,6 +133,39 @@ class CpuFallback(_Strict):
     """``cmd`` models: the whole command line for the CPU (``${PORT}`` filled in as usual)."""
 
 
+class SleepConfig(_Strict):
+    """Evicting the model puts it to sleep instead of stopping it (DESIGN rules 11-13): its
+    process stays, its GPU memory is released but ``residual_gb``, and a request wakes it in
+    about a second instead of a cold load. The child must serve a sleep API (``api``)."""
+
+    level: Literal[1, 2] = 1
+    """1: the weights are kept in host RAM (``host_gb`` is held while it sleeps), fast wake.
+    2: the weights are dropped and reloaded from disk on wake; no host memory is held."""
+    host_gb: float | None = Field(None, ge=0)
+    """Host memory (GB) held while asleep at level 1; None = the model's ``vram_gb``. Ignored
+    (0) at level 2."""
+    residual_gb: float = Field(0.5, ge=0)
+    """VRAM (GB) the process still holds while asleep (CUDA context, allocator). With NVML it
+    is learned upward after each sleep, like peaks."""
+    api: Literal["vllm", "sglang"] = "vllm"
+    """The child's sleep endpoints: vLLM's (``POST /sleep?level=N``, ``POST /wake_up``, ``GET
+    /is_sleeping``) or SGLang's (``POST /release_memory_occupation``, ``POST
+    /resume_memory_occupation``)."""
+
+
+class HostConfig(_Strict):
+    ram_gb: float | Literal["auto"] = "auto"
+    """Host memory (GB) sleeping models may hold at level 1 in all; auto = MemAvailable at
+    start less 10% (0 where it cannot be read). Past it, older sleepers are stopped or an
+    evicted model stops instead of sleeping (rule 11)."""
+
+    def budget_gb(self, available_gb: float | None) -> float:
+        """The host budget: the configured figure, or ``available_gb`` less 10% for auto."""
+        if self.ram_gb == "auto":
+            return max(0.0, 0.9 * available_gb) if available_gb is not None else 0.0
+        return max(0.0, float(self.ram_gb))
+
+
 class ModelConfig(_Strict):
     type: ModelType
     vram_gb: float = Field(ge=0)
@@ -140,7 +173,7 @@ class ModelConfig(_Strict):
     process (persisted in ``server.state_dir``) replaces it when higher."""
     cmd: str | None = None
     """Command line of an external OpenAI-style server; ``${PORT}`` is filled with a free port."""
-    engine: Literal["llama-cpp", "faster-whisper", "piper"] | None = None
+    engine: Literal["llama-cpp", "faster-whisper", "piper", "vllm"] | None = None
     model: str | None = None
     """For engines: a path, or the name of a packaged model."""
     args: dict[str, Any] = {}
@@ -167,6 +200,9 @@ class ModelConfig(_Strict):
     """If set, the request's ``model`` field is rewritten to this name before relaying."""
     cpu_fallback: CpuFallback | None = None
     """If set, a load that would have to evict (or wait) runs on the CPU instead, without VRAM."""
+    sleep: SleepConfig | None = None
+    """If set, eviction puts the model to sleep (when host memory allows) instead of stopping
+    it; a request wakes it. None = eviction stops it."""
 
     @field_validator("args")
     @classmethod
@@ -211,7 +247,29 @@ class ModelConfig(_Strict):
             raise ValueError("cpu_fallback for an engine takes 'args', not 'cmd'")
         if not self.health.startswith("/"):
             raise ValueError("'health' must be a path starting with '/'")
+        if self.sleep is not None:
+            if self.engine is not None and self.engine != "vllm":
+                raise ValueError(
+                    f"engine '{self.engine}' has no sleep endpoints: 'sleep' is for engine "
+                    "'vllm' and for 'cmd' models that serve vLLM's or SGLang's sleep API"
+                )
+            if self.engine == "vllm" and self.sleep.api != "vllm":
+                raise ValueError("engine 'vllm' serves vLLM's sleep API: set sleep.api to 'vllm'")
+            if self.cpu_fallback is not None:
+                raise ValueError("'sleep' and 'cpu_fallback' cannot be combined")
+            if self.sleep.residual_gb > self.vram_gb:
+                raise ValueError(
+                    f"sleep.residual_gb ({self.sleep.residual_gb:g}) is more than vram_gb "
+                    f"({self.vram_gb:g})"
+                )
         return self
+
+    @property
+    def sleep_host_gb(self) -> float:
+        """Host memory it holds while asleep (0 without ``sleep`` or at level 2)."""
+        if self.sleep is None or self.sleep.level == 2:
+            return 0.0
+        return self.vram_gb if self.sleep.host_gb is None else self.sleep.host_gb
 
     @property
     def default_tier(self) -> str:
@@ -246,6 +304,7 @@ DEFAULT_TIERS = (
 class Config(_Strict):
     server: ServerConfig = ServerConfig()
     gpu: GpuConfig = GpuConfig()
+    host: HostConfig = HostConfig()
     tiers: list[TierConfig] = list(DEFAULT_TIERS)
     """Lowest priority first."""
     models: dict[str, ModelConfig] = {}

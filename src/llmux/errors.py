@@ -21,6 +21,7 @@ lists exactly the classes there are (``tests/test_errors.py`` parses it)::
     ├── NotFound                404 invalid_request_error / not_found (no such route)
     ├── ModelNotFound           404 invalid_request_error / model_not_found
     ├── MethodNotAllowed        405 invalid_request_error / method_not_allowed
+    ├── CannotSleep             409 invalid_request_error / cannot_sleep (admin sleep)
     ├── QueueFull               429 rate_limit_error / queue_full
     ├── RequestCancelled        499 invalid_request_error / request_cancelled (engine)
     ├── InternalError           500 server_error (engine: an unexpected exception)
@@ -137,6 +138,14 @@ class ModelNotFound(LlmuxError):
     def __init__(self, model: str) -> None:
         super().__init__(f"The model '{model}' does not exist.", param="model")
         self.model = model
+
+
+class CannotSleep(LlmuxError):
+    """An admin sleep of a model that has no ``sleep:``, is not loaded, or stopped instead."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "cannot_sleep"
 
 
 class QueueFull(LlmuxError):

@@ -72,6 +72,43 @@ class StopFinished:
 
 
 @dataclass(slots=True)
+class SleepFinished:
+    """A sleep effect is done: the engine sleeps (``error`` None), or it failed (the reason)."""
+
+    model_id: str
+    generation: int
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class WakeFinished:
+    """A wake effect is done: the engine serves again (``error`` None), or it failed or timed
+    out (the reason): then the process is stopped and its waiters get a cold load."""
+
+    model_id: str
+    generation: int
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class MeasuredResidual:
+    """With NVML: what a sleeping process of ``generation`` still holds (GB), measured after
+    its sleep. Raises the model's learned residual (a peak, like ``Measured``)."""
+
+    model_id: str
+    gb: float
+    generation: int | None = None
+
+
+@dataclass(slots=True)
+class Sleep:
+    """Admin sleep: drain, put to sleep, then answer ``rid`` (409 if it cannot sleep)."""
+
+    rid: int
+    model_id: str
+
+
+@dataclass(slots=True)
 class Unload:
     """Admin unload: drain, stop, then answer ``rid``. Also for pinned models."""
 
@@ -130,6 +167,10 @@ Event = (
     | LoadFinished
     | ProcessExited
     | StopFinished
+    | SleepFinished
+    | WakeFinished
+    | MeasuredResidual
+    | Sleep
     | Unload
     | TtlExpired
     | Deadline
@@ -151,6 +192,15 @@ class Notice(enum.Enum):
     UNLOADED = "unloaded"
     LOAD_FAILED = "load_failed"
     CRASHED = "crashed"
+    SLEEPING = "sleeping"
+    """Sleep sent (reason: priority or admin)."""
+    ASLEEP = "asleep"
+    """The engine sleeps: its memory but the residual is free."""
+    SLEEP_FAILED = "sleep_failed"
+    WAKING = "waking"
+    AWAKE = "awake"
+    """Woken: ready again (reason: the wake's seconds)."""
+    WAKE_FAILED = "wake_failed"
 
 
 class Effects(Protocol):
@@ -162,6 +212,13 @@ class Effects(Protocol):
 
     def stop(self, model_id: str, generation: int, reason: StopReason) -> None:
         """Stop the child (SIGTERM, SIGKILL after stop_timeout); post StopFinished when gone."""
+
+    def sleep(self, model_id: str, generation: int, level: int) -> None:
+        """Put the child to sleep (its engine's sleep API at ``level``); post SleepFinished."""
+
+    def wake(self, model_id: str, generation: int, level: int) -> None:
+        """Wake the child (at level 2 also reload its weights and reset its prefix cache);
+        post WakeFinished (with an error past ``ready_timeout``)."""
 
     def grant(self, rid: int, model_id: str, generation: int) -> None:
         """Hand ``rid`` its lease (model ready, counted in flight)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from llmux.config import ModelConfig
 
@@ -82,3 +82,25 @@ class Launcher(Protocol):
 SpecBuilder = Callable[[str, ModelConfig, bool], LaunchSpec]
 """``(model_id, its config, on_cpu) -> LaunchSpec``: the child's command line, from config only
 (``on_cpu``: its ``cpu_fallback`` variant). ``llmux.launch.launch_spec`` is the real one."""
+
+
+SleepApiName = Literal["vllm", "sglang"]
+
+
+class SleepClient(Protocol):
+    """How the process effects put a child's engine to sleep and wake it (rules 11-12).
+
+    ``llmux.backends.sleep.HttpSleepClient`` implements it over HTTP; tests may pass a recorder.
+    Each call returns once the engine has done it, and raises (any exception; its text becomes
+    the reason) if the engine refused or failed. Timeouts are the caller's (``ready_timeout``).
+    """
+
+    async def sleep(self, base_url: str, api: SleepApiName, level: int) -> None:
+        """vLLM: ``POST /sleep?level=N``; SGLang: ``POST /release_memory_occupation``."""
+        ...
+
+    async def wake(self, base_url: str, api: SleepApiName, level: int) -> None:
+        """vLLM: ``POST /wake_up``, and after a level-2 sleep ``POST /collective_rpc``
+        ``{"method": "reload_weights"}`` then ``POST /reset_prefix_cache``; SGLang: ``POST
+        /resume_memory_occupation``."""
+        ...

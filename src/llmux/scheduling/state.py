@@ -24,25 +24,73 @@ class ModelState(enum.Enum):
     """Chosen for eviction; waits for its in-flight requests to finish. New requests wait."""
     UNLOADING = "unloading"
     """Stop sent (SIGTERM, then SIGKILL); reservation held until the process is gone."""
+    SUSPENDING = "suspending"
+    """Sleep sent (rule 11), not yet confirmed: the whole reservation is held until the engine
+    says it sleeps; its host reservation (level 1) is held already. Shown as ``sleeping``."""
+    SLEEPING = "sleeping"
+    """Asleep: the process is alive (same pid), holds ``residual_gb`` of VRAM and, at level 1,
+    its host reservation. Never relayed to; a request wakes it (rule 12)."""
+    WAKING = "waking"
+    """Wake sent: the whole reservation is held; its waiters count as in flight (never stopped)."""
 
+    @property
+    def public(self) -> str:
+        """The name users see (/status, /metrics, /events): the contract's seven states;
+        ``suspending`` shows as ``sleeping`` (as ``unloading`` covers a stop until it is done)."""
+        return "sleeping" if self is ModelState.SUSPENDING else self.value
+
+
+PUBLIC_STATES = tuple(dict.fromkeys(s.public for s in ModelState))
+"""The contract's state names, in lifecycle order."""
 
 RESIDENT = frozenset(
-    {ModelState.LOADING, ModelState.READY, ModelState.DRAINING, ModelState.UNLOADING}
+    {
+        ModelState.LOADING,
+        ModelState.READY,
+        ModelState.DRAINING,
+        ModelState.UNLOADING,
+        ModelState.SUSPENDING,
+        ModelState.SLEEPING,
+        ModelState.WAKING,
+    }
 )
-"""States that hold a reservation (rule 1)."""
-DOOMED = frozenset({ModelState.DRAINING, ModelState.UNLOADING})
-"""Chosen for eviction: their reservation is on its way back."""
+"""States that hold a reservation (rule 1): all but UNLOADED (a sleeper holds its residual)."""
+DOOMED = frozenset({ModelState.DRAINING, ModelState.UNLOADING, ModelState.SUSPENDING})
+"""Chosen for eviction: their reservation (less a sleeper's residual) is on its way back."""
 SERVING = frozenset({ModelState.READY, ModelState.DRAINING})
 """States whose process has leases in flight."""
+ALIVE = frozenset(
+    {
+        ModelState.READY,
+        ModelState.DRAINING,
+        ModelState.SUSPENDING,
+        ModelState.SLEEPING,
+        ModelState.WAKING,
+    }
+)
+"""States with a running process that was ready once (its exit is a crash, noticed at once)."""
 
 _LEGAL: dict[ModelState, frozenset[ModelState]] = {
     ModelState.UNLOADED: frozenset({ModelState.LOADING}),
     # A failed load goes back to UNLOADED; an admin unload of a loading model waits for ready.
     ModelState.LOADING: frozenset({ModelState.READY, ModelState.UNLOADED}),
     # READY -> UNLOADED is a crash.
-    ModelState.READY: frozenset({ModelState.DRAINING, ModelState.UNLOADING, ModelState.UNLOADED}),
-    ModelState.DRAINING: frozenset({ModelState.UNLOADING, ModelState.UNLOADED}),
+    ModelState.READY: frozenset(
+        {ModelState.DRAINING, ModelState.UNLOADING, ModelState.SUSPENDING, ModelState.UNLOADED}
+    ),
+    ModelState.DRAINING: frozenset(
+        {ModelState.UNLOADING, ModelState.SUSPENDING, ModelState.UNLOADED}
+    ),
     ModelState.UNLOADING: frozenset({ModelState.UNLOADED}),
+    # A failed sleep stops the process.
+    ModelState.SUSPENDING: frozenset(
+        {ModelState.SLEEPING, ModelState.UNLOADING, ModelState.UNLOADED}
+    ),
+    ModelState.SLEEPING: frozenset(
+        {ModelState.WAKING, ModelState.UNLOADING, ModelState.UNLOADED}
+    ),
+    # A failed (or timed-out) wake stops the process; its waiters get a cold load after.
+    ModelState.WAKING: frozenset({ModelState.READY, ModelState.UNLOADING, ModelState.UNLOADED}),
 }
 
 
@@ -65,6 +113,15 @@ def launch_fingerprint(spec: ModelConfig) -> str:
     }
     text = json.dumps(what, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class SleepReason(enum.Enum):
+    """Why a model is put to sleep."""
+
+    PRIORITY = "priority"
+    """Evicted to make room for another model (rule 11)."""
+    ADMIN = "admin"
+    """``POST /models/{id}/sleep``."""
 
 
 class StopReason(enum.Enum):
@@ -130,6 +187,28 @@ class ModelRecord:
     next_learned_gb: float | None = None
     """Its launch changed (reload) while a process of the old one runs: the learned peak that
     applies once that process is gone."""
+    sleep_level: int | None = None
+    """1 or 2 when eviction may put it to sleep (``sleep:``); None = eviction stops it."""
+    configured_residual_gb: float = 0.0
+    learned_residual_gb: float = 0.0
+    """VRAM its process was measured to keep while asleep (NVML), for this launch."""
+    sleep_host_gb: float = 0.0
+    """Host memory it holds while asleep (level 1), GB."""
+    sleep_after_drain: SleepReason | None = None
+    """Draining to sleep (not to stop): the host reservation is held from the decision on."""
+    sleep_when_ready: bool = False
+    """An admin sleep of a loading or waking model: it sleeps once ready."""
+    slept: bool = False
+    """Its process has been asleep since it last loaded: a wake of a level-2 sleeper reloads
+    the weights, and a stop does not count as a cold eviction."""
+    load_s: float | None = None
+    """Seconds its last cold load took (start to ready), on the core's clock; None: never."""
+    wake_s: float | None = None
+    """Seconds its last wake took; None: never woken."""
+    stop_s: float | None = None
+    """Seconds its last stop took (stop sent to process gone)."""
+    transition_at: float = 0.0
+    """Monotonic time its current load, wake or stop began (for the three above)."""
 
     @classmethod
     def from_config(cls, model_id: str, config: Config) -> ModelRecord:
@@ -147,10 +226,15 @@ class ModelRecord:
         self.pinned = spec.pinned
         self.configured_gb = spec.vram_gb
         self.ttl = spec.ttl
+        self.sleep_level = spec.sleep.level if spec.sleep is not None else None
+        self.configured_residual_gb = spec.sleep.residual_gb if spec.sleep is not None else 0.0
+        self.sleep_host_gb = spec.sleep_host_gb
 
     waiters: list[int] = field(default_factory=list)
     """Request ids waiting for this model, oldest first."""
     unload_waiters: list[int] = field(default_factory=list)
+    sleep_waiters: list[int] = field(default_factory=list)
+    """Admin sleeps answered once it sleeps (or rejected if it stops instead)."""
 
     @property
     def gpu_gb(self) -> float:
@@ -158,9 +242,38 @@ class ModelRecord:
         return max(self.configured_gb, self.learned_gb)
 
     @property
+    def residual_gb(self) -> float:
+        """What it holds on the GPU while asleep: max(configured, learned), at most ``gpu_gb``."""
+        return min(self.gpu_gb, max(self.configured_residual_gb, self.learned_residual_gb))
+
+    @property
     def reservation_gb(self) -> float:
-        """What it holds now: nothing while placed on the CPU."""
-        return 0.0 if self.on_cpu else self.gpu_gb
+        """What it holds now: nothing while placed on the CPU, its residual while asleep."""
+        if self.on_cpu:
+            return 0.0
+        if self.state is ModelState.SLEEPING:
+            return self.residual_gb
+        return self.gpu_gb
+
+    @property
+    def host_reserved_gb(self) -> float:
+        """Host memory it holds (level-1 sleep): from the decision to sleep until it stops or
+        wakes."""
+        if self.state in (ModelState.SUSPENDING, ModelState.SLEEPING) or (
+            self.state is ModelState.DRAINING and self.sleep_after_drain is not None
+        ):
+            return self.sleep_host_gb
+        return 0.0
+
+    @property
+    def returns_gb(self) -> float:
+        """What a doomed model gives back once its eviction is done (its residual stays if it
+        goes to sleep)."""
+        if self.state is ModelState.SUSPENDING or (
+            self.state is ModelState.DRAINING and self.sleep_after_drain is not None
+        ):
+            return self.reservation_gb - self.residual_gb
+        return self.reservation_gb
 
     @property
     def cpu_fallback(self) -> bool:
@@ -172,5 +285,7 @@ class ModelRecord:
         self.state = to
         if to is ModelState.UNLOADED:
             self.on_cpu = False
+            self.slept = False
+            self.sleep_when_ready = False
             if self.next_learned_gb is not None:
                 self.learned_gb, self.next_learned_gb = self.next_learned_gb, None
