@@ -96,6 +96,12 @@ class Recorder:
     def stop(self, model_id: str, generation: int, reason: StopReason) -> None:
         self._record("stop", model_id, generation, reason)
 
+    def suspend(self, model_id: str, generation: int, level: int) -> None:
+        self._record("suspend", model_id, generation, level)
+
+    def wake(self, model_id: str, generation: int, level: int) -> None:
+        self._record("wake", model_id, generation, level)
+
     def grant(self, rid: int, model_id: str, generation: int) -> None:
         self._record("grant", rid, model_id, generation)
 

@@ -144,3 +144,14 @@ def open_probe(index: int = 0) -> NvmlProbe | None:
     except Exception as exc:
         log.debug("no NVML: %s", exc)
         return None
+
+
+def host_available_gb(meminfo: Path = Path("/proc/meminfo")) -> float | None:
+    """The host's MemAvailable, GB (10^9 bytes); None where it cannot be read."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -28,7 +28,7 @@ from llmux.errors import ConfigError, MethodNotAllowed
 from llmux.gpu import GpuProbe
 from llmux.launch import launch_spec
 from llmux.observe import Observer
-from llmux.scheduling.launcher import Launcher
+from llmux.scheduling.launcher import Launcher, SleepClient
 from llmux.scheduling.runtime import Scheduler
 
 log = logging.getLogger("llmux")
@@ -47,10 +47,14 @@ class LlmuxApp:
         config_source: Callable[[], Config] | None = None,
         watch_path: str | None = None,
         gpu: GpuProbe | None = None,
+        sleeper: SleepClient | None = None,
+        host_available_gb: float | None = None,
     ) -> None:
         """``config_source`` re-reads the config for SIGHUP (and ``watch_path`` changes).
         ``gpu``: the NVML probe (rule 10: wait for free memory, measure, learn); its total is
-        ``nvml_total_gb`` when that is not given. The caller opened it and closes it."""
+        ``nvml_total_gb`` when that is not given. The caller opened it and closes it.
+        ``sleeper``: puts ``sleep:`` models' engines to sleep and wakes them (rules 11-12);
+        ``host_available_gb``: host memory available at start (for ``host.ram_gb: auto``)."""
         self.config = config
         if nvml_total_gb is None and gpu is not None:
             nvml_total_gb = gpu.total_gb()
@@ -59,7 +63,13 @@ class LlmuxApp:
         self.watch_path = watch_path
         self._background: set[asyncio.Task[None]] = set()
         self.scheduler = Scheduler(
-            config, launcher, launch_spec=launch_spec, budget_gb=budget_gb, gpu=gpu
+            config,
+            launcher,
+            launch_spec=launch_spec,
+            budget_gb=budget_gb,
+            gpu=gpu,
+            sleeper=sleeper,
+            host_available_gb=host_available_gb,
         )
         self.observer = Observer()
         self.observer.bind(self.scheduler.snapshot)

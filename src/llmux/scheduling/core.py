@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from llmux.config import Config
 from llmux.errors import (
+    CannotSleep,
     InsufficientVram,
     ModelLoadFailed,
     ModelNotFound,
@@ -30,14 +31,18 @@ from llmux.scheduling.events import (
     Event,
     LoadFinished,
     Measured,
+    MeasuredResidual,
     Notice,
     ProcessExited,
     Reconfigure,
     Release,
     Shutdown,
+    Sleep,
+    SleepFinished,
     StopFinished,
     TtlExpired,
     Unload,
+    WakeFinished,
 )
 from llmux.scheduling.planner import (
     Decision,
@@ -47,13 +52,16 @@ from llmux.scheduling.planner import (
     Snapshot,
     Start,
     Wait,
+    host_room,
     plan_load,
 )
 from llmux.scheduling.state import (
+    ALIVE,
+    DOOMED,
     RESIDENT,
-    SERVING,
     ModelRecord,
     ModelState,
+    SleepReason,
     StopReason,
     Waiter,
     WaiterKind,
@@ -85,12 +93,15 @@ class SchedulerCore:
         passover_bound: float = PASSOVER_BOUND_S,
         learned: Mapping[str, float] | None = None,
         plan: Callable[[Snapshot, str], Decision] = plan_load,
+        host_budget_gb: float = float("inf"),
     ) -> None:
         """``learned``: peaks known from before (learned.json) for the config's launches.
         ``plan``: the planner, asked with the snapshot and the model to load (``plan_load``; the
         simulator's experiments pass one that shows it another view of the same snapshot)."""
         self.config = config
         self.budget_gb = budget_gb
+        self.host_budget_gb = host_budget_gb
+        """Host memory sleeping models may hold (``host.ram_gb``; rule 11)."""
         self.effects = effects
         self.clock = clock
         self.wall = wall
@@ -114,6 +125,9 @@ class SchedulerCore:
         (a measurement showed more than was reserved, a reload raised ``vram_gb`` or lowered the
         budget). Reality, not a decision: no load starts until it is back under the budget, and
         this only shrinks until the next such event."""
+        self.host_overcommit_gb = 0.0
+        """As ``overcommit_gb``, for host memory (a reload lowered ``host.ram_gb`` or raised a
+        sleeper's ``host_gb``)."""
         self._internal_rids = itertools.count(-1, -1)
         """Request ids for waiters nobody awaits (preloads the core starts itself)."""
 
@@ -122,6 +136,10 @@ class SchedulerCore:
     @property
     def reserved_gb(self) -> float:
         return float(sum(m.reservation_gb for m in self.models.values() if m.state in RESIDENT))
+
+    @property
+    def host_reserved_gb(self) -> float:
+        return float(sum(m.host_reserved_gb for m in self.models.values()))
 
     @property
     def queued_requests(self) -> int:
@@ -141,10 +159,15 @@ class SchedulerCore:
                 busy=m.in_flight > 0 or (m.state is ModelState.LOADING and bool(m.waiters)),
                 reservation_gb=m.reservation_gb,
                 last_used=m.last_used if m.last_used is not None else float("-inf"),
+                full_gb=m.gpu_gb if m.state is ModelState.SLEEPING else None,
+                residual_gb=m.residual_gb if m.sleep_level is not None else None,
+                host_gb=m.sleep_host_gb,
+                host_held_gb=m.host_reserved_gb,
+                returns_gb=m.returns_gb if m.state in DOOMED else None,
             )
             for mid, m in self.models.items()
         }
-        return Snapshot(self.budget_gb, views, dict(self.pending))
+        return Snapshot(self.budget_gb, views, dict(self.pending), self.host_budget_gb)
 
     # ------------------------------------------------------------------ events
 
@@ -162,12 +185,28 @@ class SchedulerCore:
                 self._release(event.rid)
             case Cancel():
                 self._cancel(event.rid)
-            case LoadFinished() | ProcessExited() | StopFinished() | TtlExpired() | Measured() if (
-                event.model_id not in self.models
-            ):
+            case (
+                LoadFinished()
+                | ProcessExited()
+                | StopFinished()
+                | TtlExpired()
+                | Measured()
+                | SleepFinished()
+                | WakeFinished()
+                | MeasuredResidual()
+            ) if event.model_id not in self.models:
                 return  # about a model a reload removed and that is gone already
             case LoadFinished():
                 self._load_finished(event)
+            case SleepFinished():
+                self._sleep_finished(event)
+            case WakeFinished():
+                self._wake_finished(event)
+            case Sleep():
+                self._sleep(event)
+            case MeasuredResidual():
+                self._measured_residual(event)
+                self.overcommit_gb = max(0.0, self.reserved_gb - self.budget_gb)
             case ProcessExited():
                 self._process_exited(event)
             case StopFinished():
@@ -184,6 +223,7 @@ class SchedulerCore:
             case Reconfigure():
                 self._reconfigure(event)
                 self.overcommit_gb = max(0.0, self.reserved_gb - self.budget_gb)
+                self.host_overcommit_gb = max(0.0, self.host_reserved_gb - self.host_budget_gb)
             case Shutdown():
                 self._shutdown()
         if (self.waiters or self.pending) and not self.closing:
@@ -191,6 +231,9 @@ class SchedulerCore:
         if self.overcommit_gb > 0:
             over = max(0.0, self.reserved_gb - self.budget_gb)
             self.overcommit_gb = min(self.overcommit_gb, over)
+        if self.host_overcommit_gb > 0:
+            over = max(0.0, self.host_reserved_gb - self.host_budget_gb)
+            self.host_overcommit_gb = min(self.host_overcommit_gb, over)
 
     def _acquire(self, ev: Acquire) -> None:
         m = self.models.get(ev.model_id)
@@ -213,7 +256,7 @@ class SchedulerCore:
             return
         # Never fits: say so at once (rule 4), before any queue bound.
         if (
-            m.state is ModelState.UNLOADED
+            m.state in (ModelState.UNLOADED, ModelState.SLEEPING)
             and ev.model_id not in self.pending
             and not m.cpu_fallback
         ):
@@ -264,7 +307,11 @@ class SchedulerCore:
         if m.in_flight > 0:
             return
         if m.state is ModelState.DRAINING:
-            self._stop(m, self.drain_reasons.pop(m.model_id))
+            reason = self.drain_reasons.pop(m.model_id)
+            if m.sleep_after_drain is not None:
+                self._suspend(m, m.sleep_after_drain)
+            else:
+                self._stop(m, reason)
         else:
             self._became_idle(m)
 
@@ -323,7 +370,13 @@ class SchedulerCore:
         m.move(ModelState.READY)
         m.pid = ev.pid
         m.last_error = None
+        m.load_s = self.clock() - m.transition_at
         self.effects.notify(Notice.READY, m.model_id, "load finished")
+        self._serve_waiters(m)
+
+    def _serve_waiters(self, m: ModelRecord) -> None:
+        """``m`` is ready (loaded or woken): admit its waiters, then carry out what was asked
+        of it meanwhile (an admin unload or sleep, a reload, the shutdown)."""
         waiting = self._take_waiters(m)
         for w in waiting:
             self._admit(w.rid, m, w.kind)
@@ -331,8 +384,50 @@ class SchedulerCore:
             self.effects.notify(Notice.ADMITTED, m.model_id, f"{len(waiting)} waiting")
         if m.stop_when_ready is not None:
             self._doom(m, m.stop_when_ready)
+        elif m.sleep_when_ready:
+            m.sleep_when_ready = False
+            self._admin_sleep_ready(m)
         elif m.in_flight == 0:
             self._became_idle(m)
+
+    def _wake_finished(self, ev: WakeFinished) -> None:
+        m = self.models[ev.model_id]
+        if ev.generation != m.generation or m.state is not ModelState.WAKING:
+            return
+        if ev.error is not None:
+            # Rule 12: stop it; its waiters stay and get a cold load once it is gone.
+            m.last_error = f"wake failed: {ev.error}"
+            self.effects.notify(Notice.WAKE_FAILED, m.model_id, ev.error.splitlines()[0])
+            self._stop(m, m.stop_when_ready or StopReason.PRIORITY)
+            return
+        m.move(ModelState.READY)
+        m.wake_s = self.clock() - m.transition_at
+        self.effects.notify(Notice.AWAKE, m.model_id, f"{m.wake_s:.3f}s")
+        self._serve_waiters(m)
+
+    def _sleep_finished(self, ev: SleepFinished) -> None:
+        m = self.models[ev.model_id]
+        if ev.generation != m.generation or m.state is not ModelState.SUSPENDING:
+            return
+        if ev.error is not None:
+            m.last_error = f"sleep failed: {ev.error}"
+            self.effects.notify(Notice.SLEEP_FAILED, m.model_id, ev.error.splitlines()[0])
+            self._reject_sleep_waiters(m, f"its sleep failed ({ev.error.splitlines()[0]})")
+            self._stop(m, m.stop_when_ready or StopReason.PRIORITY)
+            return
+        m.move(ModelState.SLEEPING)
+        m.asleep = True
+        self.effects.notify(Notice.ASLEEP, m.model_id, f"{m.residual_gb:g} GB kept")
+        rids, m.sleep_waiters = m.sleep_waiters, []
+        for rid in rids:
+            self.effects.answer(rid)
+        if m.stop_when_ready is not None:
+            self._stop(m, m.stop_when_ready)
+
+    def _reject_sleep_waiters(self, m: ModelRecord, why: str) -> None:
+        rids, m.sleep_waiters = m.sleep_waiters, []
+        for rid in rids:
+            self.effects.reject(rid, CannotSleep(f"model '{m.model_id}' did not sleep: {why}"))
 
     def _take_waiters(self, m: ModelRecord) -> list[Waiter]:
         rids, m.waiters = m.waiters, []
@@ -340,9 +435,10 @@ class SchedulerCore:
 
     def _process_exited(self, ev: ProcessExited) -> None:
         m = self.models[ev.model_id]
-        if ev.generation != m.generation or m.state not in SERVING:
+        if ev.generation != m.generation or m.state not in ALIVE:
             return
         m.move(ModelState.UNLOADED)
+        m.sleep_after_drain = None
         self.drain_reasons.pop(m.model_id, None)
         m.pid = None
         m.in_flight = 0
@@ -352,6 +448,7 @@ class SchedulerCore:
         reason = f"process exited with status {ev.returncode}"
         m.last_error = f"{reason}\n{ev.log_tail}" if ev.log_tail else reason
         self.effects.notify(Notice.CRASHED, m.model_id, reason)
+        self._reject_sleep_waiters(m, reason)
         self._answer_unload_waiters(m)
         self._forget_if_removed(m)
 
@@ -362,7 +459,9 @@ class SchedulerCore:
         m.move(ModelState.UNLOADED)
         m.pid = None
         m.stop_when_ready = None
+        m.stop_s = self.clock() - m.transition_at
         self.effects.notify(Notice.UNLOADED, m.model_id, "process gone")
+        self._reject_sleep_waiters(m, "it was stopped")
         self._answer_unload_waiters(m)
         self._forget_if_removed(m)
 
@@ -377,10 +476,64 @@ class SchedulerCore:
             self.effects.answer(ev.rid)
             return
         m.unload_waiters.append(ev.rid)
-        if m.state is ModelState.LOADING:
+        if m.state in (ModelState.LOADING, ModelState.WAKING, ModelState.SUSPENDING):
             m.stop_when_ready = StopReason.ADMIN
         elif m.state is ModelState.READY:
             self._doom(m, StopReason.ADMIN)
+        elif m.state is ModelState.SLEEPING:
+            self._stop(m, StopReason.ADMIN)
+        elif m.state is ModelState.DRAINING and m.sleep_after_drain is not None:
+            m.sleep_after_drain = None  # it stops after the drain instead
+            self.drain_reasons[m.model_id] = StopReason.ADMIN
+            self._reject_sleep_waiters(m, "an admin unload stops it")
+
+    def _sleep(self, ev: Sleep) -> None:
+        """Admin sleep (rule 13): drain a ready model and put it to sleep."""
+        m = self.models.get(ev.model_id)
+        if m is None or m.removed:
+            self.effects.reject(ev.rid, ModelNotFound(ev.model_id))
+            return
+        if m.sleep_level is None:
+            self.effects.reject(
+                ev.rid, CannotSleep(f"model '{m.model_id}' has no 'sleep:' in its config")
+            )
+            return
+        if m.state is ModelState.SLEEPING:
+            self.effects.answer(ev.rid)
+            return
+        if m.state is ModelState.UNLOADED or (
+            m.state in (ModelState.DRAINING, ModelState.UNLOADING) and m.sleep_after_drain is None
+        ):
+            what = "not loaded" if m.state is ModelState.UNLOADED else "being stopped"
+            self.effects.reject(
+                ev.rid, CannotSleep(f"model '{m.model_id}' is {what}: nothing to put to sleep")
+            )
+            return
+        if self.closing:
+            self.effects.reject(ev.rid, ModelUnavailable("llmux is shutting down"))
+            return
+        m.sleep_waiters.append(ev.rid)
+        if m.state in (ModelState.LOADING, ModelState.WAKING):
+            m.sleep_when_ready = True
+        elif m.state is ModelState.READY:
+            self._admin_sleep_ready(m)
+        # SUSPENDING, or DRAINING to sleep: answered once asleep.
+
+    def _admin_sleep_ready(self, m: ModelRecord) -> None:
+        stops = host_room(self.snapshot(), m.model_id)
+        if stops is None:
+            self._reject_sleep_waiters(
+                m,
+                f"its {m.sleep_host_gb:g} GB of host memory does not fit the host budget "
+                f"({self.host_reserved_gb:g} of {self.host_budget_gb:g} GB held by sleepers "
+                "it may not stop)",
+            )
+            if m.in_flight == 0:
+                self._became_idle(m)
+            return
+        for vid in stops:
+            self._stop(self.models[vid], StopReason.PRIORITY)
+        self._doom(m, StopReason.ADMIN, SleepReason.ADMIN)
 
     def _ttl_expired(self, ev: TtlExpired) -> None:
         m = self.models[ev.model_id]
@@ -403,6 +556,8 @@ class SchedulerCore:
         new = ev.config
         self.config = new
         self.budget_gb = ev.budget_gb
+        if ev.host_budget_gb is not None:
+            self.host_budget_gb = ev.host_budget_gb
         for mid, m in list(self.models.items()):
             if mid not in new.models:
                 m.removed = True
@@ -450,12 +605,26 @@ class SchedulerCore:
             # pending load may need more victims now, or no longer fit at all).
             self.pending.clear()
 
+    def _measured_residual(self, ev: MeasuredResidual) -> None:
+        m = self.models[ev.model_id]
+        if ev.generation is not None and ev.generation != m.generation:
+            return
+        if ev.gb <= m.learned_residual_gb:
+            return
+        m.learned_residual_gb = ev.gb
+        self.pending.clear()  # plans made with the smaller residual are made again
+
     def _retire(self, m: ModelRecord) -> None:
         """Stop ``m`` for a reload (after draining); forget it once unloaded if it was removed."""
         if m.state is ModelState.READY:
             self._doom(m, StopReason.RELOAD)
-        elif m.state is ModelState.LOADING:
+        elif m.state is ModelState.SLEEPING:
+            self._stop(m, StopReason.RELOAD)
+        elif m.state in (ModelState.LOADING, ModelState.WAKING, ModelState.SUSPENDING):
             m.stop_when_ready = StopReason.RELOAD
+        elif m.state is ModelState.DRAINING and m.sleep_after_drain is not None:
+            m.sleep_after_drain = None
+            self.drain_reasons[m.model_id] = StopReason.RELOAD
         self._forget_if_removed(m)
 
     def _forget_if_removed(self, m: ModelRecord) -> None:
@@ -470,30 +639,66 @@ class SchedulerCore:
             self.effects.reject(rid, ModelUnavailable("llmux is shutting down"))
         self.pending.clear()
         for m in self.models.values():
+            self._reject_sleep_waiters(m, "llmux is shutting down")
             if m.state is ModelState.READY:
                 self._doom(m, StopReason.SHUTDOWN)
-            elif m.state is ModelState.LOADING:
+            elif m.state is ModelState.SLEEPING:
+                self._stop(m, StopReason.SHUTDOWN)
+            elif m.state in (ModelState.LOADING, ModelState.WAKING, ModelState.SUSPENDING):
                 m.stop_when_ready = StopReason.SHUTDOWN
+            elif m.state is ModelState.DRAINING and m.sleep_after_drain is not None:
+                m.sleep_after_drain = None  # no sleeping through a shutdown: it stops
+                self.drain_reasons[m.model_id] = StopReason.SHUTDOWN
 
     # ------------------------------------------------------------------ acting
 
-    def _doom(self, m: ModelRecord, reason: StopReason) -> None:
-        """Evict ``m``: stop now if idle, else drain first."""
+    def _doom(self, m: ModelRecord, reason: StopReason, sleep: SleepReason | None = None) -> None:
+        """Evict ``m`` (stop it, or with ``sleep`` put it to sleep): at once if idle, else
+        drain first. A sleep's host reservation is held from now on."""
         if m.in_flight == 0:
-            self._stop(m, reason)
+            if sleep is not None:
+                self._suspend(m, sleep)
+            else:
+                self._stop(m, reason)
         else:
             m.move(ModelState.DRAINING)
+            m.sleep_after_drain = sleep
             self.drain_reasons[m.model_id] = reason
             self.effects.notify(Notice.DRAINING, m.model_id, reason.value)
 
     def _stop(self, m: ModelRecord, reason: StopReason) -> None:
         m.move(ModelState.UNLOADING)
+        m.sleep_after_drain = None
+        m.transition_at = self.clock()
         self.effects.notify(Notice.UNLOADING, m.model_id, reason.value)
         self.effects.stop(m.model_id, m.generation, reason)
 
+    def _suspend(self, m: ModelRecord, why: SleepReason) -> None:
+        """Rule 11: the sleep is sent; the reservation comes back (less the residual) once the
+        engine says it sleeps."""
+        assert m.sleep_level is not None
+        m.move(ModelState.SUSPENDING)
+        m.sleep_after_drain = None
+        self.effects.notify(Notice.SLEEPING, m.model_id, why.value)
+        self.effects.suspend(m.model_id, m.generation, m.sleep_level)
+
+    def _wake(self, m: ModelRecord) -> None:
+        """Rule 12: a wake is a load of the same process (same generation)."""
+        assert m.sleep_level is not None
+        self.pending.pop(m.model_id, None)
+        m.move(ModelState.WAKING)
+        m.asleep = False
+        m.transition_at = self.clock()
+        self.effects.notify(Notice.WAKING, m.model_id, f"{len(m.waiters)} waiting")
+        self.effects.wake(m.model_id, m.generation, m.sleep_level)
+
     def _start(self, m: ModelRecord) -> None:
+        if m.state is ModelState.SLEEPING:
+            self._wake(m)
+            return
         self.pending.pop(m.model_id, None)
         m.move(ModelState.LOADING)
+        m.transition_at = self.clock()
         m.generation += 1
         where = " on the CPU" if m.on_cpu else ""
         self.effects.notify(Notice.LOADING, m.model_id, f"{len(m.waiters)} waiting{where}")
@@ -501,6 +706,13 @@ class SchedulerCore:
 
     def _free_now(self) -> float:
         return self.budget_gb - self.reserved_gb
+
+    @staticmethod
+    def _need_gb(m: ModelRecord) -> float:
+        """What loading (or waking) ``m`` takes beyond what it holds (a sleeper's residual)."""
+        if m.state is ModelState.SLEEPING:
+            return m.gpu_gb - m.residual_gb
+        return m.reservation_gb
 
     def _waiting_models(self) -> list[ModelRecord]:
         """Unloaded models with waiters, not yet promised: the order in which they are planned.
@@ -511,7 +723,11 @@ class SchedulerCore:
         now = self.clock()
         out = []
         for m in self.models.values():
-            if m.state is ModelState.UNLOADED and m.waiters and m.model_id not in self.pending:
+            if (
+                m.state in (ModelState.UNLOADED, ModelState.SLEEPING)
+                and m.waiters
+                and m.model_id not in self.pending
+            ):
                 out.append(m)
 
         def key(m: ModelRecord) -> tuple[int, int, float]:
@@ -531,7 +747,7 @@ class SchedulerCore:
             # Promised loads start, in promise order, once their memory is really free.
             for mid in list(self.pending):
                 m = self.models[mid]
-                if m.reservation_gb <= self._free_now() + 1e-9:
+                if self._need_gb(m) <= self._free_now() + 1e-9:
                     self._start(m)
                     progress = True
             for m in self._waiting_models():
@@ -543,9 +759,15 @@ class SchedulerCore:
                     m.on_cpu = True
                     self._start(m)
                 elif isinstance(decision, Promise):
-                    self.pending[m.model_id] = m.reservation_gb
+                    self.pending[m.model_id] = self._need_gb(m)
                     for vid in decision.victims:
-                        self._doom(self.models[vid], StopReason.PRIORITY)
+                        victim = self.models[vid]
+                        if victim.state is ModelState.SLEEPING:
+                            self._stop(victim, StopReason.PRIORITY)
+                        elif vid in decision.sleep:
+                            self._doom(victim, StopReason.PRIORITY, SleepReason.PRIORITY)
+                        else:
+                            self._doom(victim, StopReason.PRIORITY)
                 elif isinstance(decision, Infeasible):
                     for w in self._take_waiters(m):
                         self.effects.reject(w.rid, _insufficient(m, decision))
@@ -561,6 +783,9 @@ class SchedulerCore:
         """Raise AssertionError if a rule is broken. Cheap; used by tests after every step."""
         assert self.reserved_gb <= self.budget_gb + self.overcommit_gb + 1e-6, (
             f"budget: reserved {self.reserved_gb} > {self.budget_gb} + {self.overcommit_gb}"
+        )
+        assert self.host_reserved_gb <= self.host_budget_gb + self.host_overcommit_gb + 1e-6, (
+            f"host budget: reserved {self.host_reserved_gb} > {self.host_budget_gb}"
         )
         for m in self.models.values():
             if m.state not in (ModelState.READY, ModelState.DRAINING):

@@ -153,6 +153,8 @@ class Reconfigure:
     learned: Mapping[str, float] = field(default_factory=dict)
     """Peaks known (learned.json) for the new config's launches. A model whose launch changed
     starts from these (or from nothing) instead of what its old process taught."""
+    host_budget_gb: float | None = None
+    """The new host budget (``host.ram_gb``); None = unchanged."""
 
 
 @dataclass(slots=True)
@@ -213,7 +215,7 @@ class Effects(Protocol):
     def stop(self, model_id: str, generation: int, reason: StopReason) -> None:
         """Stop the child (SIGTERM, SIGKILL after stop_timeout); post StopFinished when gone."""
 
-    def sleep(self, model_id: str, generation: int, level: int) -> None:
+    def suspend(self, model_id: str, generation: int, level: int) -> None:
         """Put the child to sleep (its engine's sleep API at ``level``); post SleepFinished."""
 
     def wake(self, model_id: str, generation: int, level: int) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from llmux.config import Config, ModelConfig
 from llmux.errors import LaunchFailed
 from llmux.gpu import GpuProbe
-from llmux.scheduling.events import Event, Measured
+from llmux.scheduling.events import Event, Measured, MeasuredResidual
 from llmux.scheduling.launcher import Child
 from llmux.scheduling.learned import LearnedStore
 from llmux.scheduling.state import launch_fingerprint
@@ -132,6 +132,21 @@ class GpuMeasurer:
         delay = 0.0 if at_once or last is None else last + MEASURE_EVERY_S - self._clock()
         self._measuring.add(model_id)
         self._spawn(self._measure(model_id, max(0.0, delay)))
+
+    def measure_residual(self, model_id: str, generation: int, child: Child) -> None:
+        """The process of ``generation`` sleeps: measure what it still holds and post
+        ``MeasuredResidual`` (rule 11: the residual is learned, like peaks)."""
+        self._spawn(self._measure_residual(model_id, generation, child))
+
+    async def _measure_residual(self, model_id: str, generation: int, child: Child) -> None:
+        try:
+            gb = await asyncio.to_thread(self.probe.process_gb, (child.pid,))
+        except Exception as exc:
+            self._trouble("measure a sleeping process", exc)
+            return
+        if child.returncode is None:
+            self._measured[model_id] = (generation, gb)
+            self._post(MeasuredResidual(model_id, gb, generation))
 
     def last(self, model_id: str) -> tuple[int, float] | None:
         """The last measurement of ``model_id``'s process: (its generation, GB), or None."""

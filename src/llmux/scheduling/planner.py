@@ -1,26 +1,31 @@
-"""The pure eviction planner: given a snapshot, decide how model M can be loaded.
+"""The pure eviction planner: given a snapshot, decide how model M can be loaded (or woken).
 
 No I/O, no logging, no clock: a function of its input only, so every rule is a table test.
 
 Memory accounting (GB):
 
-* ``reserved``: reservations of models that are loading, ready, draining or unloading (rule 1).
-* *doomed* models (draining, unloading) will give their reservation back.
+* ``reserved``: reservations of resident models (rule 1): loading, ready, draining, unloading,
+  suspending, waking models hold their whole reservation, a sleeping one its residual.
+* *doomed* models (draining, unloading, suspending) will give back ``returns_gb``: their
+  reservation, less the residual of one that goes to sleep.
 * *pending* loads were promised memory that doomed models free; nobody else may take it.
 * ``free_now = budget - reserved - promised_now`` where ``promised_now`` is what pending loads
   need beyond what doomed models will free -- conservatively, all pending needs.
-* ``projected_free = budget - (reserved - doomed) - pending``: free once every doomed model is gone
-  and every pending load has started.
+* ``projected_free = budget - (reserved - returns) - pending``: free once every doomed model is
+  gone (or asleep) and every pending load has started.
 
-Decision for M with need ``n``:
+M's need ``n`` is its whole reservation less what it holds now (a sleeper's residual).
 
-1. ``n <= free_now`` (and so ``<= projected_free``): **Start** now.
+1. ``n <= free_now`` (and so ``<= projected_free``): **Start** (load, or wake) now.
 2. ``n <= projected_free``: **Promise**, no new victims (waits for doomed models to go).
-3. Victims from the ready models M may evict (rule 2): idle before busy, each group lowest tier
-   first then least recently used (rule 3), until ``projected_free + victims >= n``; victims that
-   turn out unnecessary are dropped again (never waste an eviction). **Promise(victims)**.
-4. Not enough ready victims, but loading models or pending loads that M may evict would make it
-   fit once done: **Wait**, evicting nothing (rule 4: plan, then act).
+3. Victims among the ready and sleeping models M may evict (rule 2), in rule-3 order (see
+   ``eviction_order``), until ``projected_free + freed >= n``; victims that turn out unnecessary
+   are dropped again (never waste an eviction). A ready victim with ``sleep:`` is put to sleep
+   (it keeps its residual) if its host reservation fits the host budget, with sleepers M may
+   evict stopped, least recently used first, to make host room (rule 11); otherwise it is
+   stopped. A sleeping victim is stopped (rule 13). **Promise(victims, sleep)**.
+4. Not enough victims now, but loading or waking models or pending loads that M may evict would
+   make it fit once done: **Wait**, evicting nothing (rule 4: plan, then act).
 5. Otherwise **Infeasible**: nothing is evicted; the holders are named.
 """
 
@@ -32,6 +37,7 @@ from dataclasses import dataclass
 from llmux.scheduling.state import DOOMED, RESIDENT, ModelState
 
 _EPS = 1e-9
+_INF = float("inf")
 
 
 @dataclass(frozen=True)
@@ -46,8 +52,30 @@ class ModelView:
     busy: bool
     """Requests in flight (or, for a loading model, waiters)."""
     reservation_gb: float
+    """What it holds now if resident (a sleeper: its residual); an unloaded model's need."""
     last_used: float
     """Ordering key for LRU; smaller = used longer ago."""
+    full_gb: float | None = None
+    """What it holds once loaded or awake; None = ``reservation_gb``."""
+    residual_gb: float | None = None
+    """What it would keep if put to sleep; None = it cannot sleep (eviction stops it)."""
+    host_gb: float = 0.0
+    """Host memory it needs while asleep (level 1)."""
+    host_held_gb: float = 0.0
+    """Host memory it holds now."""
+    returns_gb: float | None = None
+    """A doomed model: what it gives back once evicted (None = ``reservation_gb``)."""
+
+    @property
+    def need_gb(self) -> float:
+        """What loading (or waking) it takes beyond what it holds."""
+        full = self.reservation_gb if self.full_gb is None else self.full_gb
+        held = self.reservation_gb if self.state is ModelState.SLEEPING else 0.0
+        return max(0.0, full - held)
+
+    @property
+    def returning_gb(self) -> float:
+        return self.reservation_gb if self.returns_gb is None else self.returns_gb
 
 
 @dataclass(frozen=True)
@@ -56,6 +84,8 @@ class Snapshot:
     models: Mapping[str, ModelView]
     pending: Mapping[str, float]
     """Loads promised memory but not started yet: model id -> need (GB)."""
+    host_budget_gb: float = _INF
+    """Host memory sleeping models may hold in all (``host.ram_gb``)."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +96,9 @@ class Start:
 @dataclass(frozen=True)
 class Promise:
     victims: tuple[str, ...]
-    """To evict now: idle ones are stopped at once, busy ones drain first."""
+    """To evict now: idle ones at once, busy ones drain first."""
+    sleep: frozenset[str] = frozenset()
+    """The victims that go to sleep instead of stopping (rule 11)."""
 
 
 @dataclass(frozen=True)
@@ -94,24 +126,67 @@ def may_evict(requester: ModelView, victim: ModelView) -> bool:
 
 
 def eviction_order(views: Sequence[ModelView]) -> list[ModelView]:
-    """Rule 3 within rule 4: idle before busy; lowest tier first; least recently used first."""
-    return sorted(views, key=lambda v: (v.busy, v.tier_rank, v.last_used, v.model_id))
+    """Rule 3 within rule 4: idle before busy; lowest tier first; within a tier, models that can
+    sleep before those that must stop (a wake costs about a second, a cold load many), and
+    sleepers last (stopping one frees little and turns its next wake into a cold load); then
+    least recently used first."""
+    return sorted(
+        views, key=lambda v: (v.busy, v.tier_rank, _cost_class(v), v.last_used, v.model_id)
+    )
+
+
+def _cost_class(v: ModelView) -> int:
+    if v.state is ModelState.SLEEPING:
+        return 2
+    return 0 if v.residual_gb is not None else 1
 
 
 def reserved_gb(snapshot: Snapshot) -> float:
     return sum(v.reservation_gb for v in snapshot.models.values() if v.state in RESIDENT)
 
 
-def plan_load(snapshot: Snapshot, model_id: str) -> Decision:
-    """Decide how ``model_id`` (currently unloaded, not pending) can be loaded."""
+def host_reserved_gb(snapshot: Snapshot) -> float:
+    return sum(v.host_held_gb for v in snapshot.models.values())
+
+
+def host_room(
+    snapshot: Snapshot, model_id: str, requester: str | None = None
+) -> tuple[str, ...] | None:
+    """Rule 11 for one model going to sleep: the sleepers to stop (least recently used first,
+    only those ``requester`` -- by default the model itself -- may evict) so that its host
+    reservation fits the host budget; ``()`` if it fits already; None if it cannot fit."""
     me = snapshot.models[model_id]
-    need = me.reservation_gb
+    who = snapshot.models[requester or model_id]
+    free = snapshot.host_budget_gb - host_reserved_gb(snapshot) + me.host_held_gb
+    if me.host_gb <= free + _EPS:
+        return ()
+    out: list[str] = []
+    sleepers = [
+        v
+        for v in snapshot.models.values()
+        if v.state is ModelState.SLEEPING
+        and v.host_held_gb > 0
+        and v.model_id != model_id
+        and may_evict(who, v)
+    ]
+    for v in sorted(sleepers, key=lambda v: (v.tier_rank, v.last_used, v.model_id)):
+        out.append(v.model_id)
+        free += v.host_held_gb
+        if me.host_gb <= free + _EPS:
+            return tuple(out)
+    return None
+
+
+def plan_load(snapshot: Snapshot, model_id: str) -> Decision:
+    """Decide how ``model_id`` (unloaded or sleeping, not pending) can be loaded or woken."""
+    me = snapshot.models[model_id]
+    need = me.need_gb
     resident = [v for v in snapshot.models.values() if v.state in RESIDENT]
     reserved = sum(v.reservation_gb for v in resident)
-    doomed = sum(v.reservation_gb for v in resident if v.state in DOOMED)
+    returns = sum(v.returning_gb for v in resident if v.state in DOOMED)
     pending = sum(gb for mid, gb in snapshot.pending.items() if mid != model_id)
     free_now = snapshot.budget_gb - reserved - pending
-    projected_free = snapshot.budget_gb - (reserved - doomed) - pending
+    projected_free = snapshot.budget_gb - (reserved - returns) - pending
 
     if need <= free_now + _EPS:
         return Start()
@@ -120,25 +195,59 @@ def plan_load(snapshot: Snapshot, model_id: str) -> Decision:
 
     # A model that holds no VRAM (placed on the CPU) frees nothing: never a victim.
     allowed = [
-        v for v in resident if v.state not in DOOMED and may_evict(me, v) and v.reservation_gb > 0
+        v
+        for v in resident
+        if v.state not in DOOMED
+        and may_evict(me, v)
+        and v.reservation_gb > 0
+        and v.model_id != model_id
     ]
-    candidates = eviction_order([v for v in allowed if v.state is ModelState.READY])
+    candidates = eviction_order(
+        [v for v in allowed if v.state in (ModelState.READY, ModelState.SLEEPING)]
+    )
+    # Host memory a sleep may use: the budget less what sleepers M may not evict hold (those it
+    # may evict can be stopped to make room), less what earlier sleeps of this plan take.
+    evictable_sleepers = {
+        v.model_id for v in allowed if v.state is ModelState.SLEEPING and v.host_held_gb > 0
+    }
+    host_cap = snapshot.host_budget_gb - sum(
+        v.host_held_gb
+        for v in snapshot.models.values()
+        if v.model_id not in evictable_sleepers and v.model_id != model_id
+    )
     chosen: list[ModelView] = []
+    sleeps: set[str] = set()
+    frees: dict[str, float] = {}
     total = projected_free
     for v in candidates:
         if total + _EPS >= need:
             break
         chosen.append(v)
-        total += v.reservation_gb
+        if (
+            v.state is ModelState.READY
+            and v.residual_gb is not None
+            and v.host_gb <= host_cap + _EPS
+        ):
+            sleeps.add(v.model_id)
+            host_cap -= v.host_gb
+            frees[v.model_id] = v.reservation_gb - v.residual_gb
+        else:
+            frees[v.model_id] = v.reservation_gb
+        total += frees[v.model_id]
     if total + _EPS >= need:
         # Drop victims that the later, larger ones made unnecessary.
         for v in list(chosen):
-            if total - v.reservation_gb + _EPS >= need:
+            if total - frees[v.model_id] + _EPS >= need:
                 chosen.remove(v)
-                total -= v.reservation_gb
-        return Promise(tuple(v.model_id for v in chosen))
+                sleeps.discard(v.model_id)
+                total -= frees[v.model_id]
+        victims = [v.model_id for v in chosen]
+        victims += _host_room_for(snapshot, me, chosen, sleeps, allowed)
+        return Promise(tuple(victims), frozenset(sleeps))
 
-    later = sum(v.reservation_gb for v in allowed if v.state is ModelState.LOADING)
+    later = sum(
+        v.reservation_gb for v in allowed if v.state in (ModelState.LOADING, ModelState.WAKING)
+    )
     later += sum(
         gb
         for mid, gb in snapshot.pending.items()
@@ -151,7 +260,10 @@ def plan_load(snapshot: Snapshot, model_id: str) -> Decision:
     holders = [
         (v.model_id, v.reservation_gb)
         for v in resident
-        if v.state not in DOOMED and v.model_id not in allowed_ids and v.reservation_gb > 0
+        if v.state not in DOOMED
+        and v.model_id not in allowed_ids
+        and v.reservation_gb > 0
+        and v.model_id != model_id
     ]
     holders += [
         (mid, gb)
@@ -159,3 +271,31 @@ def plan_load(snapshot: Snapshot, model_id: str) -> Decision:
         if mid != model_id and not may_evict(me, snapshot.models[mid])
     ]
     return Infeasible(need, snapshot.budget_gb, tuple(sorted(holders)))
+
+
+def _host_room_for(
+    snapshot: Snapshot,
+    me: ModelView,
+    chosen: Sequence[ModelView],
+    sleeps: set[str],
+    allowed: Sequence[ModelView],
+) -> list[str]:
+    """Sleepers to stop, least recently used first, so the plan's sleeps fit the host budget."""
+    want = sum(v.host_gb for v in chosen if v.model_id in sleeps)
+    if want <= 0:
+        return []
+    stopped = {v.model_id for v in chosen}
+    free = snapshot.host_budget_gb - host_reserved_gb(snapshot) + me.host_held_gb
+    free += sum(v.host_held_gb for v in chosen if v.state is ModelState.SLEEPING)
+    extra: list[str] = []
+    sleepers = [
+        v
+        for v in allowed
+        if v.state is ModelState.SLEEPING and v.host_held_gb > 0 and v.model_id not in stopped
+    ]
+    for v in sorted(sleepers, key=lambda v: (v.tier_rank, v.last_used, v.model_id)):
+        if want <= free + _EPS:
+            break
+        extra.append(v.model_id)
+        free += v.host_held_gb
+    return extra

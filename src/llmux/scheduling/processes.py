@@ -15,8 +15,15 @@ from typing import Any
 
 from llmux.config import ModelConfig
 from llmux.errors import LaunchFailed
-from llmux.scheduling.events import Event, LoadFinished, ProcessExited, StopFinished
-from llmux.scheduling.launcher import Child, Launcher, SpecBuilder
+from llmux.scheduling.events import (
+    Event,
+    LoadFinished,
+    ProcessExited,
+    SleepFinished,
+    StopFinished,
+    WakeFinished,
+)
+from llmux.scheduling.launcher import Child, Launcher, SleepClient, SpecBuilder
 from llmux.scheduling.measurer import GpuMeasurer
 
 
@@ -38,10 +45,13 @@ class Processes:
         launch_spec: SpecBuilder,
         post: Callable[[Event], None],
         measurer: GpuMeasurer | None = None,
+        sleeper: SleepClient | None = None,
     ) -> None:
         """``post`` hands events to the owner. ``measurer`` (NVML): a load on the GPU waits
         until the device shows its memory free, and each process on the GPU is measured once
-        ready."""
+        ready. ``sleeper``: how a child's engine is put to sleep and woken (rules 11-12); None
+        = a sleep fails (the model is stopped instead)."""
+        self.sleeper = sleeper
         self.launcher = launcher
         self.launch_spec = launch_spec
         self._post = post
@@ -81,6 +91,18 @@ class Processes:
         """Stop the child of load ``generation`` (SIGTERM, SIGKILL after its ``stop_timeout``);
         post ``StopFinished`` once it is gone."""
         self._spawn(self._stop(model_id, generation))
+
+    def suspend(self, model_id: str, generation: int, spec: ModelConfig, level: int) -> None:
+        """Put the child of load ``generation`` to sleep; post ``SleepFinished`` (with an error if
+        the engine refused, failed, or took longer than ``ready_timeout``)."""
+        self._spawn(self._suspend(model_id, generation, spec, level))
+
+    def wake(
+        self, model_id: str, generation: int, spec: ModelConfig, level: int, need_gb: float
+    ) -> None:
+        """Wake the child once ``need_gb`` shows free on the device (NVML); post
+        ``WakeFinished`` (with an error if it failed or took longer than ``ready_timeout``)."""
+        self._spawn(self._wake(model_id, generation, spec, level, need_gb))
 
     async def close(self) -> None:
         """Abandon the loads and stops under way, then stop every child still running."""
@@ -128,6 +150,58 @@ class Processes:
         self._post(
             ProcessExited(model_id, generation, returncode, "\n".join(child.log_tail()[-20:]))
         )
+
+    def _current(self, model_id: str, generation: int) -> Child | None:
+        run = self._running.get(model_id)
+        if run is None or run.generation != generation or run.child.returncode is not None:
+            return None
+        return run.child
+
+    async def _suspend(self, model_id: str, generation: int, spec: ModelConfig, level: int) -> None:
+        child = self._current(model_id, generation)
+        error = await self._call_sleep_api(child, spec, level, wake=False)
+        self._post(SleepFinished(model_id, generation, error))
+        if error is None and child is not None and self.measurer is not None:
+            self.measurer.measure_residual(model_id, generation, child)
+
+    async def _wake(
+        self, model_id: str, generation: int, spec: ModelConfig, level: int, need_gb: float
+    ) -> None:
+        child = self._current(model_id, generation)
+        error: str | None = None
+        if self.measurer is not None and need_gb > 0:
+            try:
+                await self.measurer.wait_free(model_id, need_gb)
+            except LaunchFailed as exc:
+                error = exc.describe()
+        if error is None:
+            error = await self._call_sleep_api(child, spec, level, wake=True)
+        self._post(WakeFinished(model_id, generation, error))
+        if error is None and self.measurer is not None:
+            self.measurer.measure_soon(model_id, at_once=True)
+
+    async def _call_sleep_api(
+        self, child: Child | None, spec: ModelConfig, level: int, *, wake: bool
+    ) -> str | None:
+        """Ask the engine to sleep or wake; None when done, else why not."""
+        what = "wake" if wake else "sleep"
+        if child is None:
+            return f"no running process to {what}"
+        if self.sleeper is None or spec.sleep is None:
+            return f"no sleep client to {what} it with"
+        try:
+            async with asyncio.timeout(spec.ready_timeout):
+                if wake:
+                    await self.sleeper.wake(child.base_url, spec.sleep.api, level)
+                else:
+                    await self.sleeper.sleep(child.base_url, spec.sleep.api, level)
+        except TimeoutError:
+            return f"the {what} took longer than ready_timeout ({spec.ready_timeout:g} s)"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return str(exc) or type(exc).__name__
+        return None
 
     async def _stop(self, model_id: str, generation: int) -> None:
         run = self._running.get(model_id)

@@ -35,9 +35,10 @@ from llmux.scheduling.events import (
     Reconfigure,
     Release,
     Shutdown,
+    Sleep,
     Unload,
 )
-from llmux.scheduling.launcher import Child, Launcher, SpecBuilder
+from llmux.scheduling.launcher import Child, Launcher, SleepClient, SpecBuilder
 from llmux.scheduling.learned import LearnedStore, state_dir
 from llmux.scheduling.measurer import GpuMeasurer
 from llmux.scheduling.processes import Processes
@@ -76,10 +77,15 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         gpu: GpuProbe | None = None,
+        sleeper: SleepClient | None = None,
+        host_available_gb: float | None = None,
     ) -> None:
         """``launch_spec``: builds each child's ``LaunchSpec`` from config (``llmux.launch``).
         ``gpu``: the device probe (NVML); None = nothing is measured, nothing is waited for,
-        and learned peaks are neither read nor written."""
+        and learned peaks are neither read nor written. ``sleeper``: puts children's engines to
+        sleep and wakes them (``sleep:`` models; None = their sleeps fail and they stop).
+        ``host_available_gb``: host memory available at start (``host.ram_gb: auto``)."""
+        self.host_available_gb = host_available_gb
         self.clock = clock
         self.measurer: GpuMeasurer | None = None
         learned: dict[str, float] = {}
@@ -93,8 +99,16 @@ class Scheduler:
                     store.path,
                     ", ".join(f"{mid} {gb:.2f} GB" for mid, gb in sorted(learned.items())),
                 )
-        self.processes = Processes(launcher, launch_spec, self.post, self.measurer)
-        self.core = SchedulerCore(config, budget_gb, self, clock, wall, learned=learned)
+        self.processes = Processes(launcher, launch_spec, self.post, self.measurer, sleeper)
+        self.core = SchedulerCore(
+            config,
+            budget_gb,
+            self,
+            clock,
+            wall,
+            learned=learned,
+            host_budget_gb=config.host.budget_gb(host_available_gb),
+        )
         self.listeners: list[Listener] = []
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._ids = itertools.count(1)
@@ -121,7 +135,8 @@ class Scheduler:
 
     def reconfigure(self, config: Config, budget_gb: float) -> None:
         learned = self.measurer.learned(config.models) if self.measurer is not None else {}
-        self.post(Reconfigure(config, budget_gb, learned))
+        host = config.host.budget_gb(self.host_available_gb)
+        self.post(Reconfigure(config, budget_gb, learned, host_budget_gb=host))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -239,6 +254,11 @@ class Scheduler:
     async def unload(self, model_id: str) -> None:
         await self._wait(lambda rid: Unload(rid, model_id))
 
+    async def sleep(self, model_id: str) -> None:
+        """Admin sleep: returns once ``model_id`` sleeps (it drains first). Raises
+        ``CannotSleep`` (409) if it has no ``sleep:``, is not loaded, or had to stop instead."""
+        await self._wait(lambda rid: Sleep(rid, model_id))
+
     def child(self, model_id: str) -> Child | None:
         """The model's current child, or its last one (exited: kept for its log lines)."""
         return self.processes.child(model_id)
@@ -261,10 +281,20 @@ class Scheduler:
                 last_used=m.last_used,
                 pid=m.pid,
                 last_error=m.last_error,
+                sleep_level=m.sleep_level,
+                residual_gb=m.residual_gb if m.sleep_level is not None else 0.0,
+                host_gb=m.host_reserved_gb,
             )
             for mid, m in core.models.items()
         )
-        return SchedulerSnapshot(core.budget_gb, core.reserved_gb, self._device_used_gb(), models)
+        return SchedulerSnapshot(
+            core.budget_gb,
+            core.reserved_gb,
+            self._device_used_gb(),
+            models,
+            host_budget_gb=core.host_budget_gb,
+            host_reserved_gb=core.host_reserved_gb,
+        )
 
     def _measured_gb(self, m: ModelRecord) -> float | None:
         """The last measured use of ``m``'s current process on the GPU; None if there is none."""
@@ -285,6 +315,16 @@ class Scheduler:
 
     def stop(self, model_id: str, generation: int, reason: StopReason) -> None:
         self.processes.stop(model_id, generation)
+
+    def suspend(self, model_id: str, generation: int, level: int) -> None:
+        m = self.core.models[model_id]
+        assert m.spec is not None
+        self.processes.suspend(model_id, generation, m.spec, level)
+
+    def wake(self, model_id: str, generation: int, level: int) -> None:
+        m = self.core.models[model_id]
+        assert m.spec is not None
+        self.processes.wake(model_id, generation, m.spec, level, m.gpu_gb - m.residual_gb)
 
     def grant(self, rid: int, model_id: str, generation: int) -> None:
         child = self.processes.child(model_id)

@@ -50,6 +50,12 @@ class ModelSnapshot:
     """Its process id; None with no process."""
     last_error: str | None
     """The reason of its last failed load or crash; None if none."""
+    sleep_level: int | None = None
+    """1 or 2 if eviction puts it to sleep (``sleep:``); None = eviction stops it."""
+    residual_gb: float = 0.0
+    """VRAM it holds while asleep (max(configured, learned)), GB; 0 without ``sleep:``."""
+    host_gb: float = 0.0
+    """Host memory it holds now (level-1 sleep), GB."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +70,10 @@ class SchedulerSnapshot:
     measured_gb: float | None
     """Used on the device (NVML), GB; None without NVML."""
     models: tuple[ModelSnapshot, ...]
+    host_budget_gb: float = 0.0
+    """Host memory sleeping models may hold (``host.ram_gb``), GB."""
+    host_reserved_gb: float = 0.0
+    """Host memory sleeping models hold now, GB."""
 
     def model(self, model_id: str) -> ModelSnapshot:
         """The model ``model_id`` (KeyError if the scheduler does not know it)."""
@@ -102,7 +112,7 @@ class EventSnapshot:
             "model": self.model,
             "tier": self.tier,
             "reason": self.reason,
-            "state": self.state.value,
+            "state": self.state.public,
             "reserved_gb": self.reserved_gb,
             "budget_gb": self.budget_gb,
         }

@@ -86,9 +86,7 @@ _LEGAL: dict[ModelState, frozenset[ModelState]] = {
     ModelState.SUSPENDING: frozenset(
         {ModelState.SLEEPING, ModelState.UNLOADING, ModelState.UNLOADED}
     ),
-    ModelState.SLEEPING: frozenset(
-        {ModelState.WAKING, ModelState.UNLOADING, ModelState.UNLOADED}
-    ),
+    ModelState.SLEEPING: frozenset({ModelState.WAKING, ModelState.UNLOADING, ModelState.UNLOADED}),
     # A failed (or timed-out) wake stops the process; its waiters get a cold load after.
     ModelState.WAKING: frozenset({ModelState.READY, ModelState.UNLOADING, ModelState.UNLOADED}),
 }
@@ -198,9 +196,9 @@ class ModelRecord:
     """Draining to sleep (not to stop): the host reservation is held from the decision on."""
     sleep_when_ready: bool = False
     """An admin sleep of a loading or waking model: it sleeps once ready."""
-    slept: bool = False
-    """Its process has been asleep since it last loaded: a wake of a level-2 sleeper reloads
-    the weights, and a stop does not count as a cold eviction."""
+    asleep: bool = False
+    """Its engine sleeps (from the sleep's confirmation to the wake): it holds its residual
+    only, also while a stop of it is under way."""
     load_s: float | None = None
     """Seconds its last cold load took (start to ready), on the core's clock; None: never."""
     wake_s: float | None = None
@@ -251,7 +249,7 @@ class ModelRecord:
         """What it holds now: nothing while placed on the CPU, its residual while asleep."""
         if self.on_cpu:
             return 0.0
-        if self.state is ModelState.SLEEPING:
+        if self.asleep:
             return self.residual_gb
         return self.gpu_gb
 
@@ -285,7 +283,7 @@ class ModelRecord:
         self.state = to
         if to is ModelState.UNLOADED:
             self.on_cpu = False
-            self.slept = False
+            self.asleep = False
             self.sleep_when_ready = False
             if self.next_learned_gb is not None:
                 self.learned_gb, self.next_learned_gb = self.next_learned_gb, None
