@@ -7,6 +7,7 @@ these tests are skipped with the pip command that installs what is missing.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import io
 import itertools
@@ -29,6 +30,7 @@ import openai
 import pytest
 
 from llmux.backends.process import free_port
+from llmux.config import parse_config
 from llmux.engines import (
     ENGINE_ARGS,
     ENGINES,
@@ -36,10 +38,15 @@ from llmux.engines import (
     EngineError,
     InvalidArgs,
     check_args,
+    check_model,
     engine_argv,
+    engine_cancel_path,
     engine_env,
+    engine_health_path,
     resolve_model,
 )
+from llmux.errors import ConfigError
+from llmux.launch import launch_spec
 from tests.audio import SENTENCE, assert_heard, wav_params
 from tests.engine_children import Server, require_engine
 
@@ -428,8 +435,8 @@ def test_engine_argv_rejects_bad_args(tmp_path: Path) -> None:
         engine_argv("llama-cpp", str(gguf), {"n_ctx": "big"})
     with pytest.raises(EngineError, match="compute_type"):
         engine_argv("faster-whisper", str(tmp_path), {"beam": 1})
-    with pytest.raises(EngineError, match="unknown engine"):
-        engine_argv("vllm", str(gguf), {})
+    with pytest.raises(EngineError, match=r"unknown engine 'sglang'; built-in engines: .*vllm"):
+        engine_argv("sglang", str(gguf), {})
 
 
 # Every option of every engine: a value (not the default) and what the child's argv must carry.
@@ -513,7 +520,7 @@ def _flag_values(argv: list[str]) -> dict[str, list[str]]:
     return flags
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", [e for e in ENGINES if e != "vllm"])  # vllm: its own test
 def test_every_option_round_trips_to_the_argv(engine: str, tmp_path: Path) -> None:
     options = OPTIONS[engine]
     assert set(options) == set(ENGINE_ARGS[engine].model_fields), "an option without a case here"
@@ -730,3 +737,209 @@ def test_piper_argv_max_input_chars(tmp_path: Path) -> None:
     assert argv[argv.index("--max-input-chars") + 1] == "10000"
     with pytest.raises(EngineError, match="max_input_chars must be an integer"):
         engine_argv("piper", str(voice), {"max_input_chars": "lots"})
+
+
+# --- vllm: vLLM's own server, never imported here -------------------------------------------
+
+VLLM_OPTIONS: dict[str, tuple[Any, list[str]]] = {
+    # option: (a value that is not the default, the words it becomes)
+    "enable_sleep_mode": (False, []),
+    "gpu_memory_utilization": (0.45, ["--gpu-memory-utilization", "0.45"]),
+    "max_model_len": (8192, ["--max-model-len", "8192"]),
+    "tensor_parallel_size": (2, ["--tensor-parallel-size", "2"]),
+    "dtype": ("bfloat16", ["--dtype", "bfloat16"]),
+    "quantization": ("awq", ["--quantization", "awq"]),
+    "kv_cache_dtype": ("fp8", ["--kv-cache-dtype", "fp8"]),
+    "max_num_seqs": (16, ["--max-num-seqs", "16"]),
+    "served_model_name": (["qwen", "chat"], ["--served-model-name", "qwen", "chat"]),
+    "enforce_eager": (True, ["--enforce-eager"]),
+    "trust_remote_code": (True, ["--trust-remote-code"]),
+    "tokenizer": ("/m/tok", ["--tokenizer", "/m/tok"]),
+    "chat_template": ("/m/chat.jinja", ["--chat-template", "/m/chat.jinja"]),
+    "seed": (-1, ["--seed", "-1"]),
+    "extra_args": (
+        ["--max-num-batched-tokens", "8192", "--swap-space=4", "-O3", "--hf-overrides", '{"a": 1}'],
+        ["--max-num-batched-tokens", "8192", "--swap-space=4", "-O3", "--hf-overrides", '{"a": 1}'],
+    ),
+}
+VLLM_HEAD = ["-m", "vllm.entrypoints.openai.api_server", "--model"]
+
+
+def test_vllm_argv_env_and_paths(tmp_path: Path) -> None:
+    argv = engine_argv("vllm", "Qwen/Qwen2.5-0.5B-Instruct", {}, served_names=["qwen", "gpt-4o"])
+    assert argv == [
+        sys.executable,
+        *VLLM_HEAD,
+        "Qwen/Qwen2.5-0.5B-Instruct",  # a repo id: vLLM resolves it itself
+        "--host",
+        "127.0.0.1",
+        "--port",
+        PORT_PLACEHOLDER,
+        "--enable-sleep-mode",
+        "--served-model-name",
+        "qwen",
+        "gpt-4o",
+    ]
+    folder = tmp_path / "Qwen2.5-7B-Instruct"
+    folder.mkdir()
+    argv = engine_argv("vllm", str(folder), {"served_model_name": "mine"}, served_names=["q"])
+    assert argv[4] == str(folder)
+    assert _flag_values(argv)["--served-model-name"] == ["mine"]  # args win over the default
+    assert "--served-model-name" not in engine_argv("vllm", str(folder), {})
+    for bad in ("/nowhere/model", "not a repo", "a/b/c", "../x/y", "org/"):
+        with pytest.raises(EngineError, match="neither an existing path nor a Hugging Face repo"):
+            engine_argv("vllm", bad, {})
+
+    env = engine_env("vllm", {"VLLM_API_KEY": "k", "HOME": "/h", "VLLM_SERVER_DEV_MODE": "0"})
+    assert env == {"HOME": "/h", "VLLM_SERVER_DEV_MODE": "1"}
+    assert engine_health_path("vllm") == "/health"
+    assert engine_cancel_path("vllm") is None
+    assert engine_cancel_path("piper") == "/llmux/cancel/{request_id}"
+
+
+def test_vllm_every_option_round_trips_to_the_argv(tmp_path: Path) -> None:
+    assert set(VLLM_OPTIONS) == set(ENGINE_ARGS["vllm"].model_fields), "an option without a case"
+    values = {name: value for name, (value, _) in VLLM_OPTIONS.items()}
+    argv = engine_argv("vllm", "org/model", values, served_names=["ignored"])
+    expected = [
+        w for name, (_, words) in VLLM_OPTIONS.items() if name != "extra_args" for w in words
+    ]
+    assert argv[9:] == [*expected, *VLLM_OPTIONS["extra_args"][1]]  # extra_args last, as given
+    typed = check_args("vllm", values)
+    assert typed.model_dump() == values
+    assert engine_argv("vllm", "org/model", typed, served_names=["ignored"]) == argv
+    # false flags are left out (vLLM's default for each), one name is a list of one
+    argv = engine_argv("vllm", "org/model", {"enforce_eager": False, "served_model_name": "x"})
+    assert argv[9:] == ["--enable-sleep-mode", "--served-model-name", "x"]
+
+
+def test_vllm_options_and_extra_args_are_checked(tmp_path: Path) -> None:
+    bad_options: list[tuple[dict[str, Any], str]] = [
+        ({"gpu_memory_utilization": 0}, "must be a number above 0, at most 1, not 0"),
+        ({"gpu_memory_utilization": "0.5"}, "must be a number above 0, at most 1"),
+        ({"max_model_len": 0}, "must be an integer of at least 1, not 0"),
+        ({"tensor_parallel_size": 1.5}, "must be an integer of at least 1"),
+        ({"dtype": "fp4"}, "must be auto, half, float16, bfloat16, float or float32, not 'fp4'"),
+        ({"served_model_name": []}, "must be a string or a list of strings"),
+        ({"enforce_eager": "yes"}, "must be true or false, not 'yes'"),
+        ({"extra_args": "--enforce-eager"}, "must be a list of command-line words"),
+        ({"extra_args": ["--port", "1"]}, "item 1 ('--port'): --port cannot be given: llmux"),
+        ({"extra_args": ["--host=0.0.0.0"]}, "--host cannot be given"),
+        ({"extra_args": ["--model", "x"]}, "--model cannot be given"),
+        ({"extra_args": ["--api-key", "k"]}, "--api-key cannot be given"),
+        ({"extra_args": ["--api_key", "k"]}, "--api_key cannot be given"),
+        (
+            {"extra_args": ["--max-model-len", "9"]},
+            "is an option of its own: use args.max_model_len",
+        ),
+        ({"extra_args": ["--enforce-eager"]}, "use args.enforce_eager"),
+        ({"extra_args": ["--a", "x; rm -rf /"]}, "item 2 ('x; rm -rf /'): ; mean something to a"),
+        ({"extra_args": ["$(id)"]}, "$ mean something to a shell"),
+        ({"extra_args": ["--a", "b|c"]}, "| mean something to a shell"),
+        ({"extra_args": ["--max-num-seqs 4"]}, "one word per item"),
+        ({"extra_args": ["--"]}, "not a flag like --name"),
+        ({"extra_args": [""]}, "item 1 (''): empty"),
+        ({"extra_args": ["a\nb"]}, "control characters"),
+        ({"extra_args": ["-h"]}, "-h cannot be given: it prints the help"),
+    ]
+    for options, message in bad_options:
+        with pytest.raises(InvalidArgs) as info:
+            engine_argv("vllm", "org/model", options)
+        assert [p.key for p in info.value.problems] == [*options], options
+        assert message in str(info.value), (options, str(info.value))
+    # what a value may be: negative numbers, JSON, paths, URLs
+    fine = ["--seed-like", "-1", "--x", "-0.5e-3", "--json", '{"k": [1, "v"]}', "/a/b", "http://h/"]
+    assert engine_argv("vllm", "org/model", {"extra_args": fine})[-len(fine) :] == fine
+
+
+def _vllm_config(tmp_path: Path, args: str = "", extra: str = "") -> str:
+    return f"""
+models:
+  qwen:
+    type: llm
+    engine: vllm
+    model: Qwen/Qwen2.5-0.5B-Instruct
+    vram_gb: 4
+    aliases: [gpt-4o-mini, chat]
+{extra}    args:
+      gpu_memory_utilization: 0.3
+{args}"""
+
+
+def test_vllm_config_parses_launches_and_reports_bad_options(tmp_path: Path) -> None:
+    config = parse_config(_vllm_config(tmp_path, extra="    sleep: {level: 2}\n"))
+    m = config.models["qwen"]
+    spec = launch_spec("qwen", m)
+    assert spec.argv[1:5] == (*VLLM_HEAD, "Qwen/Qwen2.5-0.5B-Instruct")
+    words = list(spec.argv)
+    assert words[words.index("--served-model-name") + 1 :][:3] == ["qwen", "gpt-4o-mini", "chat"]
+    assert "--enable-sleep-mode" in words
+    assert spec.health == "/health"
+    assert spec.env["VLLM_SERVER_DEV_MODE"] == "1"
+    assert spec.inherit_env is False
+
+    renamed = parse_config(_vllm_config(tmp_path, extra="    upstream_model: Qwen2.5\n"))
+    words = list(launch_spec("qwen", renamed.models["qwen"]).argv)
+    assert words[words.index("--served-model-name") + 1 :] == ["Qwen2.5"]
+
+    with pytest.raises(ConfigError) as bad:
+        parse_config(
+            _vllm_config(
+                tmp_path, args="      max_model_len: big\n      extra_args: [--port, '1']\n"
+            )
+        )
+    assert bad.value.problems == [
+        "models.qwen.args.max_model_len (line 11): must be an integer of at least 1, not 'big'",
+        "models.qwen.args.extra_args (line 12): item 1 ('--port'): --port cannot be given: "
+        "llmux sets it (a free port)",
+    ]
+    with pytest.raises(ConfigError, match=r"models\.qwen\.args\.n_ctx .*unknown option"):
+        parse_config(_vllm_config(tmp_path, args="      n_ctx: 2048\n"))
+
+
+def test_vllm_check_config_accepts_it(tmp_path: Path) -> None:
+    path = tmp_path / "vllm.yaml"
+    path.write_text(_vllm_config(tmp_path, extra="    sleep: {level: 1, host_gb: 2}\n"))
+    out = subprocess.run(
+        [sys.executable, "-m", "llmux", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "engine: vllm" in out.stdout
+    assert "gpu_memory_utilization: 0.3" in out.stdout
+
+
+def test_vllm_check_model_names_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match="neither an existing path nor a Hugging Face repo"):
+        check_model("vllm", "/nowhere/model")
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(EngineError, match="'vllm' is not installed here: pip install vllm"):
+            check_model("vllm", "org/model")
+    else:
+        check_model("vllm", "org/model")
+    check_model("piper", str(_model_path("piper", tmp_path)))
+    with pytest.raises(EngineError, match="neither an existing path nor a packaged model"):
+        check_model("piper", "/nowhere/voice.onnx")
+
+
+def test_vllm_own_parser_reads_every_option_back() -> None:
+    """Where vLLM is installed (a GPU machine), its own argument parser takes the argv."""
+    pytest.importorskip("vllm", reason="vLLM is not installable here (no CUDA wheel for CPU)")
+    cli_args = importlib.import_module("vllm.entrypoints.openai.cli_args")
+    try:
+        argparse_utils = importlib.import_module("vllm.utils.argparse_utils")
+    except ImportError:
+        argparse_utils = importlib.import_module("vllm.utils")  # before vLLM 0.11
+
+    values = {n: v for n, (v, _) in VLLM_OPTIONS.items() if n != "extra_args"}
+    argv = engine_argv("vllm", "org/model", {**values, "enable_sleep_mode": True})
+    parser = cli_args.make_arg_parser(argparse_utils.FlexibleArgumentParser())
+    parsed = parser.parse_args([a.replace(PORT_PLACEHOLDER, "8000") for a in argv[3:]])
+    assert (parsed.model, parsed.host, parsed.port) == ("org/model", "127.0.0.1", 8000)
+    assert parsed.enable_sleep_mode is True
+    for name, value in values.items():
+        if name != "enable_sleep_mode":
+            assert getattr(parsed, name) == value, name

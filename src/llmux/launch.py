@@ -33,9 +33,11 @@ def launch_spec(model_id: str, m: ModelConfig, on_cpu: bool = False) -> LaunchSp
     assert m.engine is not None
     assert m.model is not None
     args = {**m.args, **fallback.args} if fallback is not None else m.args
+    # The `model` names requests reach the child with (the relay rewrites only to upstream_model).
+    names = [m.upstream_model] if m.upstream_model is not None else [model_id, *m.aliases]
     return LaunchSpec(
         model_id=model_id,
-        argv=tuple(engine_argv(m.engine, m.model, args)),
+        argv=tuple(engine_argv(m.engine, m.model, args, served_names=names)),
         health=m.health if "health" in m.model_fields_set else engine_health_path(m.engine),
         ready_timeout=m.ready_timeout,
         stop_timeout=m.stop_timeout,

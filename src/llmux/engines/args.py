@@ -15,6 +15,7 @@ check-config`` and ``llmux serve`` report a bad option with its key and line), a
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, get_args
@@ -40,6 +41,7 @@ __all__ = [
     "InvalidArgs",
     "LlamaCppArgs",
     "PiperArgs",
+    "VllmArgs",
     "WhisperArgs",
     "check_args",
     "option_names",
@@ -231,10 +233,149 @@ class PiperArgs(EngineArgs):
     """Longest ``input`` of a speech request, in characters; past it 400 (default 4096)."""
 
 
+class _BadWord(ValueError):
+    """An ``extra_args`` item that cannot go on the command line; its text is the problem."""
+
+
+_SHELL_CHARS = frozenset(";|&$`<>")
+_FLAG = re.compile(r"--?[A-Za-z0-9][A-Za-z0-9_.-]*")
+_NUMBER = re.compile(r"-\d[\d.eE+-]*")
+_SET_BY_LLMUX = {
+    "host": "llmux sets it (the child listens on 127.0.0.1)",
+    "port": "llmux sets it (a free port)",
+    "model": "it is the model's 'model:'",
+    "uds": "llmux talks to the child over TCP",
+    "api-key": "llmux's own calls to the child carry no key (use server.api_keys)",
+    "ssl-keyfile": "llmux talks plain HTTP to its children on 127.0.0.1",
+    "ssl-certfile": "llmux talks plain HTTP to its children on 127.0.0.1",
+    "help": "it prints the help and exits",
+    "h": "it prints the help and exits",
+}
+
+
+def _check_word(index: int, word: str, typed: set[str]) -> None:
+    """One ``extra_args`` item: a flag (``--name``, ``--name=value``, ``-x``) or a value."""
+    where = f"item {index + 1} ({word!r})"
+    if not word:
+        raise _BadWord(f"{where}: empty")
+    if any(ord(c) < 32 or ord(c) == 127 for c in word):
+        raise _BadWord(f"{where}: control characters")
+    if _SHELL_CHARS & set(word):
+        raise _BadWord(
+            f"{where}: {' '.join(sorted(_SHELL_CHARS & set(word)))} mean something to a shell, "
+            "but these words go to vLLM's command line as they are, never through a shell"
+        )
+    if not word.startswith("-") or _NUMBER.fullmatch(word):
+        return
+    flag, _, _ = word.partition("=")
+    if not _FLAG.fullmatch(flag):
+        hint = " (one word per item: the flag and its value as two items)" if " " in flag else ""
+        raise _BadWord(f"{where}: not a flag like --name or --name=value{hint}")
+    name = flag.lstrip("-").replace("_", "-")
+    if name in _SET_BY_LLMUX:
+        raise _BadWord(f"{where}: {flag} cannot be given: {_SET_BY_LLMUX[name]}")
+    if name in typed:
+        raise _BadWord(
+            f"{where}: {flag} is an option of its own: use args.{name.replace('-', '_')}"
+        )
+
+
+class VllmArgs(EngineArgs):
+    """``vllm``: vLLM's own OpenAI server's flags (``vllm/engine/arg_utils.py``,
+    ``vllm/entrypoints/openai/cli_args.py``), ``--kebab-case``. A true flag is passed bare
+    (``--enforce-eager``), a false one not at all (vLLM's default for each is false). Anything
+    else vLLM takes goes in ``extra_args``."""
+
+    flag_style = "kebab"
+
+    enable_sleep_mode: Flag = True
+    """Serve sleep mode (``--enable-sleep-mode``; its endpoints need ``VLLM_SERVER_DEV_MODE=1``,
+    which llmux sets). Always passed: true; false only where the platform has no sleep mode
+    (it then takes no ``sleep:``)."""
+    gpu_memory_utilization: (
+        Annotated[float, Field(gt=0, le=1), _Expect("a number above 0, at most 1")] | None
+    ) = None
+    """Share of the GPU's memory vLLM may take for weights, activations and KV cache (vLLM's
+    default 0.9). Set it so that ``vram_gb`` covers it: vLLM takes this share of the whole GPU,
+    whatever else is on it."""
+    max_model_len: Annotated[int, Field(ge=1), _Expect("an integer of at least 1")] | None = None
+    """Context length, in tokens (default: the model's own; a smaller one needs less KV cache)."""
+    tensor_parallel_size: (
+        Annotated[int, Field(ge=1), _Expect("an integer of at least 1")] | None
+    ) = None
+    """GPUs the model is split across (default 1); with several, give the model ``gpus:``."""
+    dtype: (
+        Annotated[
+            Literal["auto", "half", "float16", "bfloat16", "float", "float32"],
+            _Expect("auto, half, float16, bfloat16, float or float32"),
+        ]
+        | None
+    ) = None
+    """Data type of the weights and activations (default auto: the model's own)."""
+    quantization: Text | None = None
+    """Quantization method of the weights (``awq``, ``gptq``, ``fp8``, ...; default: read
+    from the model's config)."""
+    kv_cache_dtype: Text | None = None
+    """Data type of the KV cache (``auto``, ``fp8``, ...; default auto)."""
+    max_num_seqs: Annotated[int, Field(ge=1), _Expect("an integer of at least 1")] | None = None
+    """Most sequences in one batch."""
+    served_model_name: (
+        Annotated[
+            _NonEmpty | Annotated[list[_NonEmpty], Field(min_length=1)],
+            _Expect("a string or a list of strings"),
+        ]
+        | None
+    ) = None
+    """The names the child answers to (vLLM refuses any other ``model`` with a 404). Default:
+    llmux's id of the model and its aliases (or ``upstream_model``), the names requests carry."""
+    enforce_eager: Flag | None = None
+    """Run the model in eager mode, without CUDA graphs (less memory, slower)."""
+    trust_remote_code: Flag | None = None
+    """Run code that ships with the model on the Hub (some architectures need it)."""
+    tokenizer: Text | None = None
+    """Tokenizer name or path (default: the model's)."""
+    chat_template: Text | None = None
+    """Path of a chat template (Jinja), or the template itself (default: the model's)."""
+    seed: Int | None = None
+    """Random seed."""
+    extra_args: (
+        Annotated[list[str], _Expect("a list of command-line words (flags and values)")] | None
+    ) = None
+    """More of vLLM's flags, each word an item (``["--max-num-batched-tokens", "8192"]``),
+    passed after the others as they are (never through a shell). Refused: shell
+    metacharacters, a flag and its value in one item, the flags llmux sets itself (``--host``,
+    ``--port``, ``--model``, ``--api-key``, ...) and the options above (use them by name)."""
+
+    @field_validator("extra_args")
+    @classmethod
+    def _plain_words(cls, words: list[str] | None) -> list[str] | None:
+        typed = {n.replace("_", "-") for n in cls.model_fields if n != "extra_args"}
+        for index, word in enumerate(words or ()):
+            _check_word(index, word, typed)
+        return words
+
+    def flags(self) -> list[str]:
+        argv: list[str] = []
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None or value is False or name == "extra_args":
+                continue
+            flag = "--" + name.replace("_", "-")
+            if value is True:
+                argv.append(flag)
+            else:
+                argv += [
+                    flag,
+                    *(_render(v) for v in (value if isinstance(value, list) else [value])),
+                ]
+        return argv + list(self.extra_args or ())
+
+
 ENGINE_ARGS: dict[str, type[EngineArgs]] = {
     "llama-cpp": LlamaCppArgs,
     "faster-whisper": WhisperArgs,
     "piper": PiperArgs,
+    "vllm": VllmArgs,
 }
 """The options model of each built-in engine."""
 
@@ -306,6 +447,8 @@ def _problems(
             out[key] = ArgProblem(None, err["msg"].removeprefix("Value error, "))
         elif err["type"] == "extra_forbidden" or key not in fields:
             out[key] = ArgProblem(key, f"unknown option; allowed: {allowed}", unknown=True)
+        elif isinstance(err.get("ctx", {}).get("error"), _BadWord):
+            out[key] = ArgProblem(key, str(err["ctx"]["error"]))
         else:
             out[key] = ArgProblem(key, f"must be {_expected(fields[key])}, not {args[key]!r}")
     order = {key: i for i, key in enumerate(args)}
