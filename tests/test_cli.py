@@ -231,9 +231,51 @@ def test_status_view() -> None:
     assert rows["ears*"][:10] == ["ears*", "asr", "asr", "unloaded", "1.0", "-", "0", "0", "-", "-"]
     assert rows["ears*"][-1].endswith("…")  # the last error is cut short
     assert "* pinned" in text
+    assert "HOST" not in text  # no model can sleep: no host line, no SLEEP column
+    assert "SLEEP" not in text
 
     narrow = Console(width=80, record=True, color_system=None)
     render_status(body, narrow, now=now)
     lines = narrow.export_text().splitlines()
     assert all(len(line) <= 80 for line in lines)
     assert any(line.startswith("ears: boom boom") for line in lines)  # errors under the table
+
+
+def test_status_view_with_sleepers() -> None:
+    now = 1_800_000_000.0
+    body = {
+        "vram": {"budget_gb": 16.0, "reserved_gb": 6.5, "measured_gb": None},
+        "host": {"budget_gb": 60.0, "reserved_gb": 15.0},
+        "models": [
+            {"id": "qwen", "type": "llm", "tier": "llm", "state": "sleeping", "vram_gb": 14.0,
+             "measured_gb": None, "pinned": False, "in_flight": 0, "queued": 0,
+             "last_used": now - 30, "pid": 4321, "last_error": None, "sleep_level": 1,
+             "residual_gb": 0.5, "host_gb": 15.0},
+            {"id": "llama", "type": "llm", "tier": "llm", "state": "waking", "vram_gb": 6.0,
+             "measured_gb": None, "pinned": False, "in_flight": 0, "queued": 2,
+             "last_used": now - 60, "pid": 4322, "last_error": None, "sleep_level": 2,
+             "residual_gb": 0.4, "host_gb": 0.0},
+            {"id": "ears", "type": "asr", "tier": "asr", "state": "ready", "vram_gb": 1.0,
+             "measured_gb": None, "pinned": True, "in_flight": 0, "queued": 0,
+             "last_used": None, "pid": 77, "last_error": None},
+        ],
+    }  # fmt: skip
+    console = Console(width=160, record=True, color_system=None)
+    render_status(body, console, now=now)
+    text = console.export_text()
+    lines = text.splitlines()
+    assert lines[0].startswith("VRAM 6.5 / 16.0 GB reserved  [")
+    assert lines[1].startswith("HOST 15.0 / 60.0 GB held by sleeping models  [")
+    assert lines[1].endswith("] 25%")
+    rows = table_rows(text)
+    assert rows["MODEL"][:8] == ["MODEL", "TYPE", "TIER", "STATE", "VRAM", "GB", "SLEEP", "IN"]
+    assert rows["qwen"][:9] == ["qwen", "llm", "llm", "sleeping", "14.0", "L1", "0", "0", "4321"]
+    assert rows["llama"][:9] == ["llama", "llm", "llm", "waking", "6.0", "L2", "0", "2", "4322"]
+    assert rows["ears*"][:6] == ["ears*", "asr", "asr", "ready", "1.0", "-"]
+
+    # Colour: the two new states are styled like the others.
+    coloured = Console(width=160, record=True, force_terminal=True, color_system="standard")
+    render_status(body, coloured, now=now)
+    ansi = coloured.export_text(styles=True)
+    assert "\x1b[34msleeping" in ansi  # blue
+    assert "\x1b[36mwaking" in ansi  # cyan

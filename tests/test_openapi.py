@@ -248,3 +248,31 @@ def test_the_fuzz_checks_catch_a_lying_document(server: Server) -> None:
     status = schema["/status"]["GET"].Case(headers={"Authorization": f"Bearer {API_KEY}"})
     found = _fails(status, base_url=server.url, checks=[response_schema_conformance])
     assert "placement" in found, found
+
+
+def test_admin_actions_answer_as_documented(server: Server) -> None:
+    """Load, sleep (refused here: no `sleep:`, a 409 in the envelope) and unload, each checked
+    against its operation: the status is declared and the body is its schema."""
+    doc = fetch_doc(server)
+    sleep = doc["paths"]["/models/{name}/sleep"]["post"]
+    assert sleep["security"] == [{"bearer": []}]
+    assert sleep["responses"]["409"] == {"$ref": "#/components/responses/CannotSleep"}
+    assert sleep["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ModelAction"
+    }
+    schema = schemathesis.openapi.from_dict(doc)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    checks = [status_code_conformance, response_schema_conformance]
+    for action, status, body in [
+        ("load", 200, {"id": "chat", "state": "ready"}),
+        ("sleep", 409, None),
+        ("unload", 200, {"id": "chat", "state": "unloaded"}),
+    ]:
+        case = schema[f"/models/{{name}}/{action}"]["POST"].Case(path_parameters={"name": "chat"})
+        resp = case.call(base_url=server.url, headers=admin)
+        assert resp.status_code == status, (action, resp.text)
+        case.validate_response(resp, checks=checks)
+        if body is not None:
+            assert resp.json() == body
+        else:
+            assert resp.json()["error"]["code"] == "cannot_sleep"

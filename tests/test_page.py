@@ -27,8 +27,12 @@ import httpx
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
+from llmux.scheduling.events import Notice
+from llmux.scheduling.state import PUBLIC_STATES
+from llmux.static import status_page
 from tests.conftest import Server, StartServer, upstream_cmd, wait_until
 from tests.test_api import chat, two_llms
+from tests.test_sleep_surface import sleepy_config
 
 pytestmark = pytest.mark.slow
 
@@ -212,7 +216,9 @@ window.rows = () => Object.fromEntries([...document.querySelectorAll('#models tb
     loaded: tr.querySelector('.c-loaded').textContent,
     error: tr.querySelector('.err').textContent,
     load: !tr.querySelector('[data-action=load]').disabled,
-    unload: !tr.querySelector('[data-action=unload]').disabled}]));
+    loadText: tr.querySelector('[data-action=load]').textContent,
+    unload: !tr.querySelector('[data-action=unload]').disabled,
+    sleep: ((b) => b.hidden ? null : !b.disabled)(tr.querySelector('[data-action=sleep]'))}]));
 window.bar = () => [...document.querySelectorAll('#bar .seg[data-model]')].map(
   (s) => [s.dataset.model, s.dataset.state, s.dataset.tier, s.style.width]);
 window.freeGb = () => document.querySelector('#bar .seg.free')?.dataset.free;
@@ -431,3 +437,156 @@ def test_page_asks_for_keys_and_polls(
     assert server.post("/models/a/unload").status_code == 200
     browser.wait(row_is("a", "unloaded"), "a unloaded, seen by polling")
     assert browser.eval("bar().map((s) => s[0])") == ["b"]
+
+
+SLEEPERS = {
+    "vram": {"budget_gb": 16, "reserved_gb": 11.5, "measured_gb": None},
+    "host": {"budget_gb": 40, "reserved_gb": 8},
+    "models": [
+        {"id": "qwen", "type": "llm", "tier": "llm", "state": "sleeping", "vram_gb": 8,
+         "placement": "gpu", "measured_gb": None, "pinned": False, "in_flight": 0, "queued": 0,
+         "last_used": None, "pid": 11, "last_error": None, "sleep_level": 1,
+         "residual_gb": 0.5, "host_gb": 8},
+        {"id": "llama", "type": "llm", "tier": "llm", "state": "waking", "vram_gb": 6,
+         "placement": "gpu", "measured_gb": None, "pinned": False, "in_flight": 0, "queued": 2,
+         "last_used": None, "pid": 12, "last_error": None, "sleep_level": 2,
+         "residual_gb": 0.4, "host_gb": 0},
+        {"id": "mistral", "type": "llm", "tier": "llm", "state": "ready", "vram_gb": 4,
+         "placement": "gpu", "measured_gb": None, "pinned": False, "in_flight": 0, "queued": 0,
+         "last_used": None, "pid": 13, "last_error": None, "sleep_level": 1,
+         "residual_gb": 0.5, "host_gb": 0},
+        {"id": "ears", "type": "asr", "tier": "asr", "state": "ready", "vram_gb": 1,
+         "placement": "gpu", "measured_gb": None, "pinned": True, "in_flight": 0, "queued": 0,
+         "last_used": None, "pid": 14, "last_error": None, "sleep_level": None,
+         "residual_gb": 0, "host_gb": 0},
+    ],
+}  # fmt: skip
+"""A /status with sleepers: asleep at level 1 (its host memory held), waking, one that may
+sleep, and one that may not."""
+
+
+def event(kind: str, model: str, ts: float, state: str) -> dict[str, Any]:
+    return {"ts": ts, "event": kind, "model": model, "tier": "llm", "reason": "",
+            "state": state, "reserved_gb": 11.5, "budget_gb": 16}  # fmt: skip
+
+
+@needs_chromium
+def test_page_shows_sleepers(start_server: StartServer, tmp_path: Path, browser: Browser) -> None:
+    """The page's own rendering of a /status with sleeping and waking models, and of a wake's
+    events, in one synchronous evaluation (the page's next refresh draws the live server)."""
+    server = start_server(two_llms(tmp_path, budget=8.0))
+    browser.viewport(*DESKTOP, mobile=False)
+    browser.open(server.url + "/")
+    browser.wait("document.querySelector('#conn').dataset.mode === 'live'", "the live stream")
+    browser.wait(row_is("a", "unloaded"), "the live table")
+    assert browser.eval("document.querySelector('#host').hidden")  # no model here can sleep
+    waking = event("waking", "qwen", 1_800_000_000.0, "waking")
+    awake = event("awake", "qwen", 1_800_000_000.4, "ready")
+    shown = browser.eval(
+        f"""(() => {{
+        const st = {json.dumps(SLEEPERS)};
+        render(st);
+        onEvent({json.dumps(waking)});
+        onEvent({json.dumps(awake)});
+        renderTable(st.models);
+        const seg = (id) => document.querySelector(`#bar .seg[data-model="${{id}}"]`);
+        return {{
+          bar: bar(), free: freeGb(), rows: rows(), feed: feed(),
+          hostShown: !document.querySelector('#host').hidden,
+          host: document.querySelector('#host-text').textContent,
+          hostFill: [document.querySelector('#host-fill').style.width,
+                     document.querySelector('#host-fill').getBoundingClientRect().width /
+                     document.querySelector('#host-bar').getBoundingClientRect().width],
+          gbTitle: document.querySelector('#models tr[data-model=qwen] .c-gb').title,
+          sleepingSeg: [seg('qwen').className, getComputedStyle(seg('qwen')).opacity,
+                        seg('qwen').textContent],
+          wakingSeg: seg('llama').className,
+          badges: [...document.querySelectorAll('#models .badge')].map((b) => b.className),
+          tags: document.querySelector('#models tr[data-model=qwen] .c-model').textContent,
+        }};
+        }})()"""
+    )
+    # The bar: a sleeper by its residual (0.5 of 16 GB), a waking model by its whole reservation.
+    assert shown["bar"] == [
+        ["qwen", "sleeping", "llm", "3.125%"],
+        ["llama", "waking", "llm", "37.5%"],
+        ["mistral", "ready", "llm", "25%"],
+        ["ears", "ready", "asr", "6.25%"],
+    ]
+    assert shown["free"] == "4.5"
+    assert shown["sleepingSeg"] == ["seg s-sleeping", "0.55", "qwen 0.5 GB · sleeping"]
+    assert shown["wakingSeg"] == "seg s-waking"
+    assert shown["hostShown"]
+    assert shown["host"] == "8 of 40 GB held by sleeping models (qwen)"
+    assert shown["hostFill"][0] == "20%"
+    assert shown["hostFill"][1] == pytest.approx(0.2, abs=0.02)  # drawn, not only set
+    assert shown["gbTitle"] == "asleep: holds 0.5 GB of its 8 GB on the GPU and 8 GB of host memory"
+    rows = shown["rows"]
+    assert rows["qwen"]["state"] == "sleeping"
+    assert rows["qwen"]["gb"] == "0.5 of 8 (asleep)"
+    woke = browser.eval("fmtTime(1800000000.4)")
+    assert rows["qwen"]["loaded"] == f"woke {woke} · took 0.4 s"
+    # Sleep is offered only to a model with sleep:, and only when it is ready; a sleeper wakes.
+    assert (rows["qwen"]["load"], rows["qwen"]["loadText"], rows["qwen"]["sleep"]) == (
+        True,
+        "Wake",
+        False,
+    )
+    assert (rows["qwen"]["unload"], rows["llama"]["load"], rows["llama"]["sleep"]) == (
+        True,
+        False,
+        False,
+    )
+    assert rows["mistral"]["sleep"] is True
+    assert rows["ears"]["sleep"] is None  # hidden: it has no sleep:
+    states = ["sleeping", "waking", "ready", "ready"]
+    assert shown["badges"] == [f"badge st-{state}" for state in states]
+    assert "sleeps L1" in shown["tags"]
+    assert shown["feed"][:2] == ["awake qwen", "waking qwen"]
+
+
+@needs_chromium
+def test_page_sleeps_and_wakes_a_real_sleeper(
+    start_server: StartServer, tmp_path: Path, browser: Browser
+) -> None:
+    """A sleepable child (tests/sleepy.py): put to sleep with the page's Sleep button, shown
+    asleep from the event stream, woken with its Wake button, the same process after."""
+    server = start_server(sleepy_config(tmp_path))
+    assert chat(server.client(), "s").startswith("s pid ")
+    pid = server.model("s")["pid"]
+    browser.viewport(*DESKTOP, mobile=False)
+    browser.open(server.url + "/")
+    browser.wait("document.querySelector('#conn').dataset.mode === 'live'", "the live stream")
+    browser.wait(row_is("s", "ready"), "s ready")
+    assert browser.eval("rows().s.sleep") is True
+
+    browser.eval("click('s', 'sleep')")
+    browser.wait(row_is("s", "sleeping"), "s asleep after its Sleep button")
+    browser.wait("feed().includes('asleep s')", "the asleep event in the feed")
+    assert browser.eval("bar()") == [["s", "sleeping", "llm", "6.25%"]]  # its 0.5 of 8 GB
+    assert browser.eval("document.querySelector('#host-text').textContent") == (
+        "6 of 20 GB held by sleeping models (s)"
+    )
+    assert browser.eval("rows().s.loadText") == "Wake"
+    assert server.model("s")["state"] == "sleeping"
+
+    browser.eval("click('s', 'load')")
+    browser.wait(row_is("s", "ready"), "s awake after its Wake button")
+    browser.wait("feed().includes('awake s')", "the awake event in the feed")
+    browser.wait("/^woke .* · took /.test(rows().s.loaded)", "s's wake time")
+    assert server.model("s")["pid"] == pid
+    assert browser.eval("document.querySelector('#host-text').textContent") == (
+        "0 of 20 GB held by sleeping models"
+    )
+
+
+def test_page_listens_for_every_notice() -> None:
+    """EventSource delivers only the kinds it listens for: the page's list is every notice,
+    and every public state but unloaded is drawn in the bar."""
+    html, _ = status_page()
+    kinds = re.search(r"const KINDS = \[(.*?)\];", html, flags=re.DOTALL)
+    resident = re.search(r"const RESIDENT = new Set\(\[(.*?)\]\);", html)
+    assert kinds is not None
+    assert resident is not None
+    assert re.findall(r"'(\w+)'", kinds.group(1)) == [n.value for n in Notice]
+    assert re.findall(r"'(\w+)'", resident.group(1)) == list(PUBLIC_STATES[1:])

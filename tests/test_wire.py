@@ -16,20 +16,21 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from llmux.api.openapi import openapi_document
-from llmux.api.wire import ModelList, ModelStatus, SchedulerEvent, Status
+from llmux.api.wire import ModelList, ModelStatus, PublicState, SchedulerEvent, Status
 from llmux.cli import render_status
 from llmux.config import parse_config
 from llmux.scheduling.events import Notice
 from llmux.scheduling.snapshot import EventSnapshot, ModelSnapshot, SchedulerSnapshot
-from llmux.scheduling.state import ModelState
+from llmux.scheduling.state import PUBLIC_STATES, ModelState
 from tests.conftest import Server, StartServer, upstream_cmd
 from tests.test_cli import llmux
 
-STATUS_KEYS = ["vram", "models"]
+STATUS_KEYS = ["vram", "host", "models"]
 VRAM_KEYS = ["budget_gb", "reserved_gb", "measured_gb"]
+HOST_KEYS = ["budget_gb", "reserved_gb"]
 MODEL_KEYS = [
     "id", "type", "tier", "state", "vram_gb", "placement", "measured_gb", "pinned", "in_flight",
-    "queued", "last_used", "pid", "last_error",
+    "queued", "last_used", "pid", "last_error", "sleep_level", "residual_gb", "host_gb",
 ]  # fmt: skip
 ENTRY_KEYS = ["id", "object", "created", "owned_by", "llmux"]
 LLMUX_KEYS = ["type", "tier", "state", "vram_gb", "in_flight", "alias_of"]
@@ -61,19 +62,22 @@ def test_status_is_the_wire_model_with_exactly_its_fields(server: Server) -> Non
     body = server.status()
     assert list(body) == STATUS_KEYS
     assert list(body["vram"]) == VRAM_KEYS
+    assert list(body["host"]) == HOST_KEYS
     assert [list(m) for m in body["models"]] == [MODEL_KEYS, MODEL_KEYS]
 
     status = Status.model_validate(body)
     assert status.model_dump(mode="json") == body  # nothing lost, nothing added, same order
     assert json.dumps(status.model_dump(mode="json")) == json.dumps(body)
     chat, voice = status.model("chat"), status.model("voice")
-    assert (chat.state, chat.type, chat.pinned) == (ModelState.READY, "llm", True)
+    assert (chat.state, chat.type, chat.pinned) == (PublicState.READY, "llm", True)
     assert chat.placement == "gpu"
+    assert (chat.sleep_level, chat.residual_gb, chat.host_gb) == (None, 0.0, 0.0)  # no sleep:
     assert chat.pid is not None
     assert chat.last_used is not None
-    assert (voice.state, voice.pid, voice.last_used) == (ModelState.UNLOADED, None, None)
+    assert (voice.state, voice.pid, voice.last_used) == (PublicState.UNLOADED, None, None)
     assert status.vram.reserved_gb == 2.0
     assert status.vram.measured_gb is None  # no NVML here
+    assert status.host.reserved_gb == 0.0
 
 
 def test_model_list_is_the_wire_model_with_exactly_its_fields(server: Server) -> None:
@@ -135,7 +139,7 @@ def test_events_are_the_wire_model_with_exactly_its_fields(server: Server) -> No
     ready = SchedulerEvent.model_validate(events[-1][1])
     assert (ready.model, ready.state, ready.reserved_gb, ready.budget_gb) == (
         "chat",
-        ModelState.READY,
+        PublicState.READY,
         2.0,
         7.5,  # 8 less the default reserve
     )
@@ -167,7 +171,16 @@ def test_the_cli_refuses_a_body_that_is_not_status(server: Server) -> None:
     # A field it does not know (a newer server) is ignored: the CLI still reads it.
     body = server.status()
     body["models"][0]["devices"] = [0]
-    assert Status.model_validate(body).model("chat").state is ModelState.READY
+    assert Status.model_validate(body).model("chat").state is PublicState.READY
+    # A server older than sleep (no host, no sleep fields) is read as one without sleepers.
+    body = server.status()
+    del body["host"]
+    for m in body["models"]:
+        for key in ("sleep_level", "residual_gb", "host_gb"):
+            del m[key]
+    old = Status.model_validate(body)
+    assert (old.host.budget_gb, old.host.reserved_gb) == (0.0, 0.0)
+    assert old.model("chat").sleep_level is None
 
 
 class NotLlmux(BaseHTTPRequestHandler):
@@ -221,16 +234,60 @@ def test_status_from_a_snapshot() -> None:
             model_snapshot("a", measured_gb=0.123),
             model_snapshot("b", placement="cpu", state=ModelState.LOADING, queued=2),
         ),
+        host_budget_gb=32.0,
+        host_reserved_gb=0.1 + 0.2,
     )
     status = Status.from_snapshot(snapshot)
     assert status.vram.model_dump() == {"budget_gb": 1.0, "reserved_gb": 0.3, "measured_gb": 0.25}
+    assert status.host.model_dump() == {"budget_gb": 32.0, "reserved_gb": 0.3}
     assert [list(m) for m in status.model_dump(mode="json")["models"]] == [MODEL_KEYS] * 2
     b = status.model("b")
-    assert (b.placement, b.state, b.queued) == ("cpu", ModelState.LOADING, 2)
+    assert (b.placement, b.state, b.queued) == ("cpu", PublicState.LOADING, 2)
     assert status.model_dump(mode="json")["models"][1]["state"] == "loading"
     assert status.model("a").measured_gb == 0.123
     with pytest.raises(ValidationError):  # counts are never negative
         ModelStatus.from_snapshot(model_snapshot("c", in_flight=-1))
+
+
+def sleepers() -> SchedulerSnapshot:
+    """One model of each sleep state: a sleep sent (suspending), asleep, waking."""
+    sleep = {"sleep_level": 1, "residual_gb": 0.5, "vram_gb": 6.0}
+    return SchedulerSnapshot(
+        budget_gb=16.0,
+        reserved_gb=6.5 + 0.5 + 6.0,
+        measured_gb=None,
+        models=(
+            model_snapshot("going", state=ModelState.SUSPENDING, host_gb=12.0, **sleep),
+            model_snapshot("asleep", state=ModelState.SLEEPING, host_gb=12.0, **sleep),
+            model_snapshot("waking", state=ModelState.WAKING, **{**sleep, "sleep_level": 2}),
+        ),
+        host_budget_gb=40.0,
+        host_reserved_gb=24.0,
+    )
+
+
+def test_users_see_the_public_states_only() -> None:
+    assert [s.value for s in PublicState] == list(PUBLIC_STATES)
+    assert {PublicState.of(s).value for s in ModelState} == set(PUBLIC_STATES)
+    snapshot = sleepers()
+    body = Status.from_snapshot(snapshot).model_dump(mode="json")
+    # A sleep that is sent but not confirmed shows as sleeping: suspending never reaches users.
+    assert [m["state"] for m in body["models"]] == ["sleeping", "sleeping", "waking"]
+    asleep = body["models"][1]
+    assert (asleep["sleep_level"], asleep["residual_gb"], asleep["host_gb"]) == (1, 0.5, 12.0)
+    assert body["models"][2]["sleep_level"] == 2
+    assert body["host"] == {"budget_gb": 40.0, "reserved_gb": 24.0}
+    config = parse_config("models:\n  going:\n    type: llm\n    vram_gb: 6\n    cmd: x\n")
+    listed = ModelList.from_snapshot(snapshot, config).model_dump(mode="json")
+    assert listed["data"][0]["llmux"]["state"] == "sleeping"
+    event = EventSnapshot(2, Notice.SLEEPING, "going", "llm", "admin", ModelState.SUSPENDING, 7, 16)
+    sent = SchedulerEvent.from_snapshot(event).model_dump(mode="json")
+    assert sent == event.as_dict()
+    assert (sent["event"], sent["state"], sent["reason"]) == ("sleeping", "sleeping", "admin")
+    with pytest.raises(ValidationError, match="state"):
+        Status.model_validate({**body, "models": [{**asleep, "state": "suspending"}]})
+    with pytest.raises(ValidationError, match="sleep_level"):
+        Status.model_validate({**body, "models": [{**asleep, "sleep_level": 3}]})
 
 
 def test_an_event_says_the_same_on_events_and_in_the_log() -> None:
@@ -252,4 +309,9 @@ def test_the_document_describes_the_wire_models(tmp_path: Path) -> None:
     assert schemas["Model"]["required"] == ENTRY_KEYS
     assert schemas["LlmuxInfo"]["required"] == LLMUX_KEYS
     assert schemas["SchedulerEvent"]["required"] == EVENT_KEYS
-    assert schemas["ModelState"]["enum"] == [s.value for s in ModelState]
+    assert schemas["HostStatus"]["required"] == HOST_KEYS
+    assert schemas["Status"]["required"] == STATUS_KEYS
+    assert schemas["PublicState"]["enum"] == list(PUBLIC_STATES)
+    assert "suspending" not in json.dumps(schemas)  # an internal state, never on the wire
+    assert schemas["Notice"]["enum"] == [n.value for n in Notice]
+    assert schemas["ModelAction"]["required"] == ["id", "state"]

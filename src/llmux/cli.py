@@ -1,4 +1,5 @@
-"""``llmux``: serve, check-config, and the client commands (status, load, unload, logs)."""
+"""``llmux``: serve, check-config, and the client commands (status, load, unload, sleep,
+logs)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from rich.table import Table
     from rich.text import Text
 
-    from llmux.api.wire import ModelStatus, Status, VramStatus
+    from llmux.api.wire import HostStatus, ModelStatus, Status, VramStatus
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -60,13 +61,13 @@ def _unloadable_models(config: Config) -> list[str]:
     """Engine models whose ``model:`` cannot be found on this machine (a packaged model whose
     package is missing, a path that does not exist). Not a config error: llmux serves the rest,
     and each load of such a model fails with this message."""
-    from llmux.engines.packaged import EngineError, resolve_model
+    from llmux.engines import EngineError, check_model
 
     problems = []
     for model_id, m in config.models.items():
         if m.engine is not None and m.model is not None:
             try:
-                resolve_model(m.engine, m.model)
+                check_model(m.engine, m.model)
             except EngineError as exc:
                 problems.append(f"models.{model_id}.model: {exc}")
     return problems
@@ -89,7 +90,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- client commands
 #
-# status, load, unload and logs talk to a running `llmux serve` over HTTP. Every failure ends
+# status, load, unload, sleep and logs talk to a running `llmux serve` over HTTP. Every failure ends
 # in one line on stderr and a distinct exit status, never a traceback:
 #   1 an error answer (unknown model, failed load, ...), 2 bad usage (an invalid --url),
 #   3 the server cannot be reached (or the connection broke), 4 a key is missing or not allowed,
@@ -106,7 +107,8 @@ ENV_KEY = "LLMUX_API_KEY"
 
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 30.0
-"""Reads (status, logs) give up after this; load and unload wait as long as the server takes."""
+"""Reads (status, logs) give up after this; load, unload and sleep wait as long as the server
+takes."""
 
 _STATE_STYLE = {
     "ready": "bold green",
@@ -114,6 +116,8 @@ _STATE_STYLE = {
     "draining": "magenta",
     "unloading": "magenta",
     "unloaded": "dim",
+    "sleeping": "blue",
+    "waking": "cyan",
 }
 _ERROR_WIDTH = 60
 
@@ -291,6 +295,21 @@ def _vram_line(vram: VramStatus, unicode: bool) -> Text:
     return line
 
 
+def _host_line(host: HostStatus, unicode: bool) -> Text:
+    from rich.text import Text
+
+    budget, reserved = host.budget_gb, host.reserved_gb
+    filled, empty, style = _bar(reserved, budget, 24, unicode)
+    line = Text("HOST ", style="bold")
+    line.append(f"{reserved:.1f} / {budget:.1f} GB held by sleeping models  [")
+    line.append(filled, style=style)
+    line.append(empty, style="dim")
+    line.append("]")
+    if budget > 0:
+        line.append(f" {100 * reserved / budget:.0f}%")
+    return line
+
+
 def _models_table(models: Sequence[ModelStatus], now: float, error_width: int) -> Table:
     """The table of models; no LAST ERROR column when ``error_width`` is 0."""
     from rich import box
@@ -298,6 +317,7 @@ def _models_table(models: Sequence[ModelStatus], now: float, error_width: int) -
     from rich.text import Text
 
     measured = any(m.measured_gb is not None for m in models)
+    sleeps = any(m.sleep_level is not None for m in models)
     pinned = any(m.pinned for m in models)
     table = Table(
         box=box.SIMPLE_HEAD,
@@ -313,7 +333,14 @@ def _models_table(models: Sequence[ModelStatus], now: float, error_width: int) -
     table.add_column("MODEL", overflow="fold", min_width=min(longest, 16))
     for title in ("TYPE", "TIER", "STATE"):
         table.add_column(title, no_wrap=True)
-    numbers = ["VRAM GB", *(["MEASURED"] if measured else []), "IN FLIGHT", "QUEUED", "PID"]
+    numbers = [
+        "VRAM GB",
+        *(["MEASURED"] if measured else []),
+        *(["SLEEP"] if sleeps else []),
+        "IN FLIGHT",
+        "QUEUED",
+        "PID",
+    ]
     for title in [*numbers, "LAST USED"]:
         table.add_column(title, justify="right", no_wrap=True)
     if error_width:
@@ -327,6 +354,7 @@ def _models_table(models: Sequence[ModelStatus], now: float, error_width: int) -
             Text(state, style=_STATE_STYLE.get(state, "")),
             Text(_gb(m.vram_gb)),
             *([Text(_gb(m.measured_gb))] if measured else []),
+            *([Text("-" if m.sleep_level is None else f"L{m.sleep_level}")] if sleeps else []),
             Text(str(m.in_flight)),
             Text(str(m.queued)),
             Text("-" if m.pid is None else str(m.pid)),
@@ -342,7 +370,7 @@ def render_status(
     status: Status | Mapping[str, Any], console: Console, now: float | None = None
 ) -> None:
     """The `llmux status` view of a GET /status body (or the ``Status`` parsed from one): a VRAM
-    line and a table of models.
+    line, a host line where a model can sleep, and a table of models.
 
     Last errors are cut to fit: in the table where there is room, else as lines under it."""
     from rich.measure import Measurement
@@ -353,8 +381,11 @@ def render_status(
     if not isinstance(status, Status):
         status = Status.model_validate(status)
     now = time.time() if now is None else now
-    console.print(_vram_line(status.vram, console.encoding.lower().startswith("utf")))
+    unicode = console.encoding.lower().startswith("utf")
+    console.print(_vram_line(status.vram, unicode))
     models = status.models
+    if status.host.reserved_gb > 0 or any(m.sleep_level is not None for m in models):
+        console.print(_host_line(status.host, unicode))
     if not models:
         console.print("no models configured", style="dim")
         return
@@ -427,6 +458,11 @@ def _load(args: argparse.Namespace) -> int:
 @_client
 def _unload(args: argparse.Namespace) -> int:
     return _change(args, "unload", "unloading")
+
+
+@_client
+def _sleep(args: argparse.Namespace) -> int:
+    return _change(args, "sleep", "sleeping")
 
 
 def _follow(args: argparse.Namespace) -> int:
@@ -522,6 +558,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in [
         ("load", _load, "load a model and wait until it is ready"),
         ("unload", _unload, "unload a model (it drains first) and wait until it is gone"),
+        (
+            "sleep",
+            _sleep,
+            "put a model with `sleep:` to sleep (it drains first) and wait until it sleeps",
+        ),
     ]:
         p = _add_client_parser(sub, name, func, text, "an admin key")
         p.add_argument("id", help="model id or alias")

@@ -27,9 +27,15 @@ from prometheus_client.samples import Sample
 
 from llmux.scheduling.events import Notice
 from llmux.scheduling.snapshot import EventSnapshot, SchedulerSnapshot
-from llmux.scheduling.state import ModelState
+from llmux.scheduling.state import PUBLIC_STATES, SleepReason
 
 EVICTION_REASONS = frozenset({"priority", "ttl", "admin", "crash", "reload"})
+"""The reasons ``llmux_evictions_total`` counts: a model stopped. A sleep is counted apart,
+in ``llmux_model_sleeps_total`` (its process stays; see the README's metrics)."""
+SLEEP_REASONS = frozenset(r.value for r in SleepReason)
+WAKE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+"""Seconds, from a wake sent to ready: vLLM's published wake times are 0.26-0.82 s at level 1
+and 0.85-2.6 s at level 2; a wake slower than a cold load is worth seeing too."""
 
 
 class _StateCollector(Collector):
@@ -47,12 +53,23 @@ class _StateCollector(Collector):
         )
         yield GaugeMetricFamily(
             "llmux_vram_reserved_bytes",
-            "Sum of reservations of loading, ready, draining and unloading models",
+            "Sum of reservations of resident models (a sleeping one counts its residual)",
             value=snap.reserved_gb * 1e9,
+        )
+        yield GaugeMetricFamily(
+            "llmux_host_budget_bytes",
+            "Host memory sleeping models may hold (host.ram_gb)",
+            value=snap.host_budget_gb * 1e9,
+        )
+        yield GaugeMetricFamily(
+            "llmux_host_reserved_bytes",
+            "Host memory held by sleeping models (level 1)",
+            value=snap.host_reserved_gb * 1e9,
         )
         state = GaugeMetricFamily(
             "llmux_model_state",
-            "1 for the model's current state",
+            "1 for the model's current state (unloaded, loading, ready, draining, unloading, "
+            "sleeping, waking)",
             labels=["model", "tier", "state"],
         )
         in_flight = GaugeMetricFamily("llmux_in_flight", "Requests in flight", labels=["model"])
@@ -63,8 +80,9 @@ class _StateCollector(Collector):
             labels=["model"],
         )
         for m in snap.models:
-            for s in ModelState:
-                state.add_metric([m.id, m.tier, s.value], 1.0 if s is m.state else 0.0)
+            now = m.state.public
+            for s in PUBLIC_STATES:
+                state.add_metric([m.id, m.tier, s], 1.0 if s == now else 0.0)
             in_flight.add_metric([m.id], m.in_flight)
             depth.add_metric([m.id], m.queued)
             if m.measured_gb is not None:
@@ -167,6 +185,25 @@ class Observer:
             ["model", "reason"],
             registry=self.registry,
         )
+        self.sleeps = Counter(
+            "llmux_model_sleeps",
+            "Models put to sleep instead of stopped, by reason (priority, admin) and result",
+            ["model", "reason", "result"],
+            registry=self.registry,
+        )
+        self.wakes = Counter(
+            "llmux_model_wakes",
+            "Model wakes by result (a failed wake is followed by a cold load)",
+            ["model", "result"],
+            registry=self.registry,
+        )
+        self.wake_seconds = Histogram(
+            "llmux_model_wake_seconds",
+            "Time from wake sent to ready",
+            ["model"],
+            buckets=WAKE_BUCKETS,
+            registry=self.registry,
+        )
         self._requests = _RequestCollector()
         self.registry.register(self._requests)
         self.request_done = self._requests.request_done
@@ -177,6 +214,8 @@ class Observer:
         """Set by ``close()`` at shutdown: no stream is served any more."""
         self._subscriber_buffer = subscriber_buffer
         self._load_started: dict[str, float] = {}
+        self._wake_started: dict[str, float] = {}
+        self._sleep_reason: dict[str, str] = {}
         self._snapshot: Callable[[], SchedulerSnapshot] | None = None
 
     def bind(self, snapshot: Callable[[], SchedulerSnapshot]) -> None:
@@ -202,6 +241,20 @@ class Observer:
             self.evictions.labels(event.model, event.reason).inc()
         elif kind is Notice.CRASHED:
             self.evictions.labels(event.model, "crash").inc()
+        elif kind is Notice.SLEEPING:
+            reason = event.reason if event.reason in SLEEP_REASONS else SleepReason.PRIORITY.value
+            self._sleep_reason[event.model] = reason
+        elif kind in (Notice.ASLEEP, Notice.SLEEP_FAILED):
+            reason = self._sleep_reason.pop(event.model, SleepReason.PRIORITY.value)
+            result = "success" if kind is Notice.ASLEEP else "failure"
+            self.sleeps.labels(event.model, reason, result).inc()
+        elif kind is Notice.WAKING:
+            self._wake_started[event.model] = time.monotonic()
+        elif kind in (Notice.AWAKE, Notice.WAKE_FAILED):
+            started = self._wake_started.pop(event.model, None)
+            self.wakes.labels(event.model, "success" if kind is Notice.AWAKE else "failure").inc()
+            if started is not None and kind is Notice.AWAKE:
+                self.wake_seconds.labels(event.model).observe(time.monotonic() - started)
         self.recent.append(event)
         for queue in list(self._subscribers):
             try:

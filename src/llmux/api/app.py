@@ -23,9 +23,11 @@ from llmux.api.relay import (
     Send,
     UpstreamConnector,
 )
+from llmux.backends.sleep import HttpSleepClient
 from llmux.config import Config
 from llmux.errors import ConfigError, MethodNotAllowed
 from llmux.gpu import GpuProbe
+from llmux.gpu import host_available_gb as read_host_available_gb
 from llmux.launch import launch_spec
 from llmux.observe import Observer
 from llmux.scheduling.launcher import Launcher, SleepClient
@@ -53,8 +55,9 @@ class LlmuxApp:
         """``config_source`` re-reads the config for SIGHUP (and ``watch_path`` changes).
         ``gpu``: the NVML probe (rule 10: wait for free memory, measure, learn); its total is
         ``nvml_total_gb`` when that is not given. The caller opened it and closes it.
-        ``sleeper``: puts ``sleep:`` models' engines to sleep and wakes them (rules 11-12);
-        ``host_available_gb``: host memory available at start (for ``host.ram_gb: auto``)."""
+        ``sleeper``: puts ``sleep:`` models' engines to sleep and wakes them (rules 11-12; by
+        default over HTTP, ``HttpSleepClient``); ``host_available_gb``: host memory available
+        at start (for ``host.ram_gb: auto``; by default MemAvailable, read now)."""
         self.config = config
         if nvml_total_gb is None and gpu is not None:
             nvml_total_gb = gpu.total_gb()
@@ -62,13 +65,16 @@ class LlmuxApp:
         self.config_source = config_source
         self.watch_path = watch_path
         self._background: set[asyncio.Task[None]] = set()
+        self._own_sleeper = HttpSleepClient() if sleeper is None else None
+        if host_available_gb is None:
+            host_available_gb = read_host_available_gb()
         self.scheduler = Scheduler(
             config,
             launcher,
             launch_spec=launch_spec,
             budget_gb=budget_gb,
             gpu=gpu,
-            sleeper=sleeper,
+            sleeper=sleeper or self._own_sleeper,
             host_available_gb=host_available_gb,
         )
         self.observer = Observer()
@@ -134,6 +140,8 @@ class LlmuxApp:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.scheduler.shutdown(self.config.server.shutdown_grace)
         self.relay.stop()
+        if self._own_sleeper is not None:
+            await self._own_sleeper.close()
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -1,4 +1,4 @@
-"""The control plane (Starlette): health, status, models, admin load/unload, logs, events,
+"""The control plane (Starlette): health, status, models, admin load/unload/sleep, logs, events,
 metrics, the status page and the OpenAPI document. Thin routes: check the key, call one thing,
 answer."""
 
@@ -20,7 +20,7 @@ from starlette.routing import Route
 from llmux.api.auth import Access, Authenticator
 from llmux.api.errors import exception_handlers
 from llmux.api.openapi import openapi_document
-from llmux.api.wire import ModelList, SchedulerEvent, Status
+from llmux.api.wire import ModelAction, ModelList, PublicState, SchedulerEvent, Status
 from llmux.errors import InvalidRequest, LlmuxError, MethodNotAllowed, NotFound
 from llmux.observe import Observer
 from llmux.scheduling.runtime import Scheduler
@@ -81,15 +81,19 @@ def build_control(scheduler: Scheduler, auth: Authenticator, observer: Observer)
         listed = ModelList.from_snapshot(scheduler.snapshot(), scheduler.config)
         return JSONResponse(listed.model_dump(mode="json"))
 
-    async def load(request: Request) -> Response:
-        model_id = scheduler.resolve(request.path_params["name"])
-        await scheduler.load(model_id)
-        return JSONResponse({"id": model_id, "state": scheduler.core.models[model_id].state.value})
+    def admin_action(act: Callable[[str], Awaitable[None]]) -> Handler:
+        """An admin action on one model (an id or alias): done, then the model's state now."""
 
-    async def unload(request: Request) -> Response:
-        model_id = scheduler.resolve(request.path_params["name"])
-        await scheduler.unload(model_id)
-        return JSONResponse({"id": model_id, "state": scheduler.core.models[model_id].state.value})
+        async def handler(request: Request) -> Response:
+            model_id = scheduler.resolve(request.path_params["name"])
+            await act(model_id)
+            try:
+                state = PublicState.of(scheduler.snapshot().model(model_id).state)
+            except KeyError:  # removed by a reload meanwhile, and gone already
+                state = PublicState.UNLOADED
+            return JSONResponse(ModelAction(id=model_id, state=state).model_dump(mode="json"))
+
+        return handler
 
     async def metrics(_: Request) -> Response:
         return Response(generate_latest(observer.registry), media_type=CONTENT_TYPE_LATEST)
@@ -154,8 +158,11 @@ def build_control(scheduler: Scheduler, auth: Authenticator, observer: Observer)
         Route("/health", health, methods=["GET"]),
         Route("/status", keyed(read, status), methods=["GET"]),
         Route("/v1/models", keyed(read, models), methods=["GET"]),
-        Route("/models/{name}/load", keyed(adm, load), methods=["POST"]),
-        Route("/models/{name}/unload", keyed(adm, unload), methods=["POST"]),
+        Route("/models/{name}/load", keyed(adm, admin_action(scheduler.load)), methods=["POST"]),
+        Route(
+            "/models/{name}/unload", keyed(adm, admin_action(scheduler.unload)), methods=["POST"]
+        ),
+        Route("/models/{name}/sleep", keyed(adm, admin_action(scheduler.sleep)), methods=["POST"]),
         Route("/models/{name}/logs", keyed(adm, logs), methods=["GET"]),
         Route("/metrics", keyed(read, metrics), methods=["GET"]),
         Route("/events", keyed(read, events), methods=["GET"]),

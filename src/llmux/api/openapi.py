@@ -83,8 +83,8 @@ def _error_kinds() -> tuple[list[str], list[str]]:
 def _schemas() -> dict[str, Any]:
     error_types, error_codes = _error_kinds()
     return {
-        # Status, ModelStatus, ModelList, Model, SchedulerEvent and the rest of llmux.api.wire:
-        # from the wire models themselves, so the document cannot drift from what is sent.
+        # Status, ModelList, SchedulerEvent, ModelAction and the rest of llmux.api.wire: from
+        # the wire models themselves, so the document cannot drift from what is sent.
         **wire_schemas("#/components/schemas/{model}"),
         "Error": _strict(
             ["error"],
@@ -138,9 +138,6 @@ def _schemas() -> dict[str, Any]:
             "`SchedulerEvent` as JSON.",
         },
         "Health": _strict(["status"], {"status": {"const": "ok"}}),
-        "ModelAction": _strict(
-            ["id", "state"], {"id": {"type": "string"}, "state": _ref("ModelState")}
-        ),
         "ModelLogs": _strict(
             ["id", "lines"],
             {"id": {"type": "string"}, "lines": {"type": "array", "items": {"type": "string"}}},
@@ -190,6 +187,11 @@ def _responses() -> dict[str, Any]:
         ),
         "QueueTimeout": _error(
             "The model was not ready within `server.queue_timeout` (`queue_timeout`)."
+        ),
+        "CannotSleep": _error(
+            "The model cannot be put to sleep (`cannot_sleep`): it has no `sleep:` in the "
+            "config, it is not loaded, or it had to be stopped instead (its sleep failed, or the "
+            "host budget `host.ram_gb` has no room for it)."
         ),
     }
 
@@ -439,6 +441,15 @@ def _own_paths(config: Config) -> dict[str, Any]:
         _json("The model's process is gone.", _ref("ModelAction")),
         {"503": _response_ref("Unavailable")},
     )
+    sleep = _admin(
+        "Put a model to sleep",
+        "Drains the model's requests, then puts it to sleep with its engine's sleep API (its "
+        "`sleep:`); answers once it sleeps: its process stays (same pid), its GPU memory is "
+        "released but the residual, and the next request for it wakes it.",
+        [name],
+        _json("The model sleeps.", _ref("ModelAction")),
+        {"409": _response_ref("CannotSleep"), "503": _response_ref("Unavailable")},
+    )
     logs = _admin(
         "A model's recent log lines",
         "The kept tail of the model process's output (the current process, or the last one).",
@@ -510,8 +521,8 @@ def _own_paths(config: Config) -> dict[str, Any]:
             "get": {
                 "tags": ["llmux"],
                 "summary": "Scheduler events (SSE)",
-                "description": "A stream of scheduler events (loads, evictions, crashes) that "
-                "does not end by itself. " + read,
+                "description": "A stream of scheduler events (loads, evictions, sleeps, wakes, "
+                "crashes) that does not end by itself. " + read,
                 "security": _SECURED,
                 "parameters": [_flag("replay", "true: first send the recent events again.")],
                 "responses": {
@@ -526,6 +537,7 @@ def _own_paths(config: Config) -> dict[str, Any]:
         },
         "/models/{name}/load": {"post": load},
         "/models/{name}/unload": {"post": unload},
+        "/models/{name}/sleep": {"post": sleep},
         "/models/{name}/logs": {"get": logs},
         "/": {
             "get": {
@@ -585,7 +597,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
                     "scheme": "bearer",
                     "description": "A key of `server.api_keys` (or `server.admin_keys`). With no "
                     "`api_keys` set, the keyed routes are open; with `admin_keys` set, load, "
-                    "unload and logs need one of them.",
+                    "unload, sleep and logs need one of them.",
                 }
             },
         },

@@ -13,6 +13,7 @@ server. Every number says its unit; every ``None`` (JSON null) says when it is o
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +25,29 @@ from llmux.scheduling.snapshot import EventSnapshot, ModelSnapshot, SchedulerSna
 from llmux.scheduling.state import ModelState
 
 Count = Annotated[int, Field(ge=0)]
+Gb = Annotated[float, Field(ge=0)]
+SleepLevel = Annotated[int, Field(ge=1, le=2)]
+
+
+class PublicState(enum.Enum):
+    """A model's state as users see it: the contract's seven names (DESIGN section 2).
+
+    The scheduler has more states than users see (``ModelState``: ``suspending``, a sleep sent
+    and not yet confirmed, shows as ``sleeping``); every state that reaches the wire goes
+    through ``ModelState.public`` (``of``), never ``.value``. Its values are
+    ``state.PUBLIC_STATES``, in that order (``tests/test_wire.py``)."""
+
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    UNLOADING = "unloading"
+    SLEEPING = "sleeping"
+    WAKING = "waking"
+
+    @classmethod
+    def of(cls, state: ModelState) -> PublicState:
+        return cls(state.public)
 
 
 class Wire(BaseModel):
@@ -48,9 +72,20 @@ class VramStatus(Wire):
     budget_gb: float
     """The VRAM budget, GB: the device's total (or `gpu.vram_gb`) less `gpu.reserve_gb`."""
     reserved_gb: float
-    """Reserved by resident (loading, ready, draining, unloading) models, GB."""
+    """Reserved by resident models, GB: the whole reservation of a loading, ready, draining,
+    unloading or waking model, the residual of a sleeping one."""
     measured_gb: float | None
     """Used on the device, GB, as NVML last measured it; null without NVML."""
+
+
+class HostStatus(Wire):
+    """Host memory for sleeping models (`host.ram_gb`): the budget and what sleepers hold."""
+
+    budget_gb: Gb
+    """The host budget, GB (`host.ram_gb`; auto = MemAvailable at start less 10%)."""
+    reserved_gb: Gb
+    """Held by level-1 sleeping models (their `sleep.host_gb`, from the decision to sleep until
+    they wake or stop), GB."""
 
 
 class ModelStatus(Wire):
@@ -62,11 +97,13 @@ class ModelStatus(Wire):
     """llm, tts, asr or embedding."""
     tier: str
     """Its priority tier (`tiers:`)."""
-    state: ModelState
+    state: PublicState
     """Where its process is: unloaded, loading, ready, draining (chosen for eviction, waiting
-    for its requests to finish) or unloading."""
+    for its requests to finish), unloading, sleeping (process alive, GPU memory released but
+    the residual) or waking."""
     vram_gb: float
-    """Its reservation on the GPU, GB: max(configured `vram_gb`, learned peak)."""
+    """Its reservation on the GPU, GB: max(configured `vram_gb`, learned peak). A sleeping
+    model holds only its `residual_gb` of it."""
     placement: Literal["gpu", "cpu"] = "gpu"
     """cpu: loaded without the GPU (its `cpu_fallback`), holding no VRAM. (A server older than
     placement is read as gpu.)"""
@@ -85,6 +122,16 @@ class ModelStatus(Wire):
     """Its process id; null with no process."""
     last_error: str | None
     """The reason of its last failed load or crash; null if none."""
+    sleep_level: SleepLevel | None = None
+    """1 or 2: eviction puts it to sleep at this level (`sleep:`; 1 keeps the weights in host
+    memory, 2 drops them); null: eviction stops it. (A server older than sleep is read as
+    null.)"""
+    residual_gb: Gb = 0.0
+    """The GPU memory it holds while asleep, GB: max(configured `sleep.residual_gb`, learned);
+    0 without `sleep:`."""
+    host_gb: Gb = 0.0
+    """The host memory it holds now, GB: its `sleep.host_gb` while a level-1 sleep is decided
+    or done; 0 otherwise."""
 
     @classmethod
     def from_snapshot(cls, m: ModelSnapshot) -> ModelStatus:
@@ -92,7 +139,7 @@ class ModelStatus(Wire):
             id=m.id,
             type=m.type,
             tier=m.tier,
-            state=m.state,
+            state=PublicState.of(m.state),
             vram_gb=m.vram_gb,
             placement=m.placement,
             measured_gb=m.measured_gb,
@@ -102,6 +149,9 @@ class ModelStatus(Wire):
             last_used=m.last_used,
             pid=m.pid,
             last_error=m.last_error,
+            sleep_level=m.sleep_level,
+            residual_gb=m.residual_gb,
+            host_gb=m.host_gb,
         )
 
 
@@ -109,6 +159,8 @@ class Status(Wire):
     """`GET /status`: the scheduler's state."""
 
     vram: VramStatus
+    host: HostStatus = HostStatus(budget_gb=0.0, reserved_gb=0.0)
+    """Host memory for sleeping models. (A server older than sleep is read as a budget of 0.)"""
     models: list[ModelStatus]
     """Every model the scheduler knows, in config order."""
 
@@ -119,6 +171,10 @@ class Status(Wire):
                 budget_gb=snapshot.budget_gb,
                 reserved_gb=round(snapshot.reserved_gb, 6),
                 measured_gb=snapshot.measured_gb,
+            ),
+            host=HostStatus(
+                budget_gb=snapshot.host_budget_gb,
+                reserved_gb=round(snapshot.host_reserved_gb, 6),
             ),
             models=[ModelStatus.from_snapshot(m) for m in snapshot.models],
         )
@@ -131,6 +187,19 @@ class Status(Wire):
         raise KeyError(model_id)
 
 
+# ----------------------------------------------------------- /models/{id}/load, unload, sleep
+
+
+class ModelAction(Wire):
+    """The answer of an admin `POST /models/{id}/load`, `/unload` or `/sleep`, once done."""
+
+    id: str
+    """The model id (an alias is answered with the id it names)."""
+    state: PublicState
+    """Its state now: ready after a load, unloaded after an unload, sleeping after a sleep (or
+    whatever a request made of it since)."""
+
+
 # ------------------------------------------------------------------------------- /v1/models
 
 
@@ -141,7 +210,7 @@ class LlmuxInfo(Wire):
     """llm, tts, asr or embedding."""
     tier: str
     """Its priority tier."""
-    state: ModelState
+    state: PublicState
     """Where its process is (as in `/status`)."""
     vram_gb: float
     """Its reservation on the GPU, GB."""
@@ -182,7 +251,7 @@ class ModelList(Wire):
                 info = LlmuxInfo(
                     type=spec.type,
                     tier=m.tier,
-                    state=m.state,
+                    state=PublicState.of(m.state),
                     vram_gb=m.vram_gb,
                     in_flight=m.in_flight,
                     alias_of=None if name == model_id else model_id,
@@ -202,14 +271,14 @@ class SchedulerEvent(Wire):
     """Unix time (seconds) it happened."""
     event: Notice
     """What happened: queued, admitted, loading, ready, draining, unloading, unloaded,
-    load_failed or crashed."""
+    load_failed, crashed, sleeping, asleep, sleep_failed, waking, awake or wake_failed."""
     model: str
     """The model id."""
     tier: str
     """The model's tier."""
     reason: str
     """Why, in a word or a few (priority, ttl, admin, crash, reload, the load's error...)."""
-    state: ModelState
+    state: PublicState
     """The model's state after it."""
     reserved_gb: float
     """Reserved by resident models after it, GB."""
@@ -224,7 +293,7 @@ class SchedulerEvent(Wire):
             model=e.model,
             tier=e.tier,
             reason=e.reason,
-            state=e.state,
+            state=PublicState.of(e.state),
             reserved_gb=e.reserved_gb,
             budget_gb=e.budget_gb,
         )
@@ -233,10 +302,15 @@ class SchedulerEvent(Wire):
 # ---------------------------------------------------------------------------------- schema
 
 _ENUMS: dict[type[Any], str] = {
-    ModelState: "Where a model's process is: unloaded (no process), loading, ready (serving), "
-    "draining (chosen for eviction, waiting for its requests to finish), unloading (stop sent).",
+    PublicState: "Where a model's process is: unloaded (no process), loading, ready (serving), "
+    "draining (chosen for eviction, waiting for its requests to finish), unloading (stop sent), "
+    "sleeping (sleep sent or done: the process is alive, its GPU memory released but the "
+    "residual; never relayed to), waking (wake sent; requests wait for it).",
     Notice: "What happened to a model: queued (a request waits for it), admitted (its waiting "
-    "requests go in), loading, ready, draining, unloading, unloaded, load_failed, crashed.",
+    "requests go in), loading, ready, draining, unloading, unloaded, load_failed, crashed, "
+    "sleeping (sleep sent; reason priority or admin), asleep (its memory but the residual is "
+    "free), sleep_failed (then it is stopped), waking (a request or a load wakes it), awake "
+    "(ready again), wake_failed (then it is stopped and loaded cold).",
 }
 
 
@@ -247,7 +321,7 @@ class _WireSchema(GenerateJsonSchema):
         return False
 
 
-WIRE_MODELS: tuple[type[Wire], ...] = (Status, ModelList, SchedulerEvent)
+WIRE_MODELS: tuple[type[Wire], ...] = (Status, ModelList, SchedulerEvent, ModelAction)
 """The top-level wire models; the others are reached from them."""
 
 
@@ -260,6 +334,6 @@ def wire_schemas(ref_template: str) -> dict[str, dict[str, Any]]:
         schema_generator=_WireSchema,
     )
     defs: dict[str, dict[str, Any]] = top["$defs"]
-    for enum, description in _ENUMS.items():  # for a reader of the wire, not of the code
-        defs[enum.__name__]["description"] = description
+    for kind, description in _ENUMS.items():  # for a reader of the wire, not of the code
+        defs[kind.__name__]["description"] = description
     return defs
