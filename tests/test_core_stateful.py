@@ -211,6 +211,7 @@ def rig(
     budget: float = 10.0,
     passover_bound: float = PASSOVER_BOUND_S,
     learned: Mapping[str, float] | None = None,
+    host_budget_gb: float = float("inf"),
     **server: Any,
 ) -> Rig:
     clock = Clock()
@@ -223,6 +224,7 @@ def rig(
         wall=lambda: 1.7e9 + clock.now,
         passover_bound=passover_bound,
         learned=learned,
+        host_budget_gb=host_budget_gb,
     )
     return Rig(core, rec, clock)
 
@@ -348,16 +350,21 @@ def test_request_for_a_draining_model_waits_and_reloads_it() -> None:
 
 
 def test_queue_full_is_429_for_the_request_past_max_queue() -> None:
+    # max_queue bounds each model's waiting requests: b's queue is not a's.
     r = rig({"a": {"type": "llm", "vram_gb": 4}, "b": {"type": "tts", "vram_gb": 1}}, max_queue=2)
     first = r.acquire("a")
     second = r.acquire("b")
     third = r.acquire("a")
+    fourth = r.acquire("a")
     rejected = r.rec.rejected()
     assert first not in rejected
     assert second not in rejected
-    assert isinstance(rejected[third], QueueFull)
-    assert rejected[third].status == 429
-    assert r.core.queued_requests == 2
+    assert third not in rejected
+    assert isinstance(rejected[fourth], QueueFull)
+    assert rejected[fourth].status == 429
+    assert "model 'a'" in rejected[fourth].message
+    assert r.core.queued_requests == 3
+    assert r.core.queued("a") == 2
     # Admin loads do not count against max_queue; requests for ready models never wait.
     admin = r.acquire("a", WaiterKind.ADMIN_LOAD)
     assert admin not in r.rec.rejected()
@@ -968,7 +975,9 @@ class CoreMachine(RuleBasedStateMachine):
             assert self.clock.now + 1e-9 >= a.at + self.queue_timeout
         elif isinstance(error, QueueFull):
             assert a.kind is WaiterKind.REQUEST
-            assert self.core.queued_requests >= self.max_queue
+            m = self.core.models[a.model_id]
+            waiting = [r for r in m.waiters if self.core.waiters[r].kind is WaiterKind.REQUEST]
+            assert len(waiting) >= self.max_queue  # max_queue bounds each model's queue
         elif isinstance(error, ModelLoadFailed):
             assert self.core.models[a.model_id].state is ModelState.UNLOADED
         else:
@@ -1230,7 +1239,9 @@ class CoreMachine(RuleBasedStateMachine):
             return
         self.core.check_invariants()
         assert self.core.reserved_gb <= BUDGET + self.core.overcommit_gb + 1e-9
-        assert self.core.queued_requests <= self.max_queue
+        for m in self.core.models.values():
+            waiting = [r for r in m.waiters if self.core.waiters[r].kind is WaiterKind.REQUEST]
+            assert len(waiting) <= self.max_queue, m.model_id
 
     @invariant()
     def model_agrees_with_core(self) -> None:

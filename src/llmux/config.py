@@ -67,10 +67,20 @@ class ServerConfig(_Strict):
     """Bearer keys for /v1/*, /status, /metrics, /events and /. Empty = open."""
     admin_keys: list[str] = []
     """Keys for load/unload/logs. Empty = the api_keys serve (or open if those are empty too)."""
-    max_queue: int = Field(256, ge=0)
-    """Waiting requests in all; past it 429 queue_full."""
+    max_queue: int = Field(1024, ge=0)
+    """Waiting requests per model; past it 429 queue_full. Per model because one load serves
+    all of a model's waiting requests: one model's backlog never refuses another model's
+    requests (docs/scheduling.md says why, and why 1024)."""
     queue_timeout: Seconds = 300.0
     """Longest wait for a model, seconds; past it 504 queue_timeout."""
+    swap_patience: float = Field(6.0, ge=0)
+    """Same-tier contention (rule 3): a model busy with requests is drained for another one
+    only once that one's oldest request has waited this many times the swap's cost (the
+    requester's load or wake plus the victim's, as measured), at most ``swap_patience_max``
+    seconds; an idle model is evicted at once. Keeps two busy models that cannot fit together
+    from thrashing. 0 = drain busy models at once."""
+    swap_patience_max: Seconds = 60.0
+    """The longest swap patience, seconds."""
     shutdown_grace: Seconds = 30.0
     """On SIGTERM, seconds to let in-flight requests finish before children are stopped."""
     max_upload_mb: float = Field(25.0, gt=0)
@@ -255,6 +265,11 @@ class ModelConfig(_Strict):
                 )
             if self.engine == "vllm" and self.sleep.api != "vllm":
                 raise ValueError("engine 'vllm' serves vLLM's sleep API: set sleep.api to 'vllm'")
+            if self.engine == "vllm" and self.args.get("enable_sleep_mode") is False:
+                raise ValueError(
+                    "'sleep' needs args.enable_sleep_mode (vLLM serves no sleep endpoints "
+                    "without it)"
+                )
             if self.cpu_fallback is not None:
                 raise ValueError("'sleep' and 'cpu_fallback' cannot be combined")
             if self.sleep.residual_gb > self.vram_gb:

@@ -36,6 +36,7 @@ from llmux.scheduling.events import (
     ProcessExited,
     Reconfigure,
     Release,
+    Replan,
     Shutdown,
     Sleep,
     SleepFinished,
@@ -101,6 +102,8 @@ class SchedulerCore:
         self.config = config
         self.budget_gb = budget_gb
         self.host_budget_gb = host_budget_gb
+        self._replans: set[str] = set()
+        """Models with a ``Replan`` timer set."""
         """Host memory sleeping models may hold (``host.ram_gb``; rule 11)."""
         self.effects = effects
         self.clock = clock
@@ -145,10 +148,17 @@ class SchedulerCore:
     def queued_requests(self) -> int:
         return sum(1 for w in self.waiters.values() if w.kind is WaiterKind.REQUEST)
 
+    def _queued_for(self, m: ModelRecord) -> int:
+        """Requests waiting for ``m`` (``max_queue`` bounds each model's queue: one model's
+        backlog never refuses another model's requests)."""
+        waiters = self.waiters
+        return sum(1 for rid in m.waiters if waiters[rid].kind is WaiterKind.REQUEST)
+
     def queued(self, model_id: str) -> int:
         return len(self.models[model_id].waiters)
 
     def snapshot(self) -> Snapshot:
+        now = self.clock()
         views = {
             mid: ModelView(
                 model_id=mid,
@@ -164,10 +174,23 @@ class SchedulerCore:
                 host_gb=m.sleep_host_gb,
                 host_held_gb=m.host_reserved_gb,
                 returns_gb=m.returns_gb if m.state in DOOMED else None,
+                load_s=m.load_s or 0.0,
+                wake_s=m.wake_s or 0.0,
+                waited_s=now - self.waiters[m.waiters[0]].enqueued_at if m.waiters else 0.0,
+                in_flight=m.in_flight,
+                queued=len(m.waiters),
             )
             for mid, m in self.models.items()
         }
-        return Snapshot(self.budget_gb, views, dict(self.pending), self.host_budget_gb)
+        server = self.config.server
+        return Snapshot(
+            self.budget_gb,
+            views,
+            dict(self.pending),
+            self.host_budget_gb,
+            server.swap_patience,
+            server.swap_patience_max,
+        )
 
     # ------------------------------------------------------------------ events
 
@@ -217,6 +240,8 @@ class SchedulerCore:
                 self._ttl_expired(event)
             case Deadline():
                 self._deadline(event.rid)
+            case Replan():
+                self._replans.discard(event.model_id)  # the pump below plans again
             case Measured():
                 self._measured(event)
                 self.overcommit_gb = max(0.0, self.reserved_gb - self.budget_gb)
@@ -264,12 +289,12 @@ class SchedulerCore:
             if isinstance(decision, Infeasible):
                 self.effects.reject(ev.rid, _insufficient(m, decision))
                 return
-        if ev.kind is WaiterKind.REQUEST and self.queued_requests >= self.config.server.max_queue:
+        if ev.kind is WaiterKind.REQUEST and self._queued_for(m) >= self.config.server.max_queue:
             self.effects.reject(
                 ev.rid,
                 QueueFull(
-                    f"{self.config.server.max_queue} requests are already waiting for models; "
-                    "retry later"
+                    f"{self.config.server.max_queue} requests are already waiting for model "
+                    f"'{m.model_id}'; retry later"
                 ),
             )
             return
@@ -772,6 +797,10 @@ class SchedulerCore:
                     for w in self._take_waiters(m):
                         self.effects.reject(w.rid, _insufficient(m, decision))
                 elif isinstance(decision, Wait):
+                    if decision.retry_in_s is not None and m.model_id not in self._replans:
+                        self._replans.add(m.model_id)
+                        when = self.clock() + decision.retry_in_s
+                        self.effects.call_at(when, Replan(m.model_id))
                     # Strict priority: nothing below a waiting model is planned before it.
                     break
                 progress = True

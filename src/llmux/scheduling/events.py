@@ -125,6 +125,14 @@ class TtlExpired:
 
 
 @dataclass(slots=True)
+class Replan:
+    """A timer the core set for itself: a busy victim becomes eligible for ``model_id``'s
+    waiters (swap patience), so plan again."""
+
+    model_id: str
+
+
+@dataclass(slots=True)
 class Deadline:
     """``rid``'s queue wait is over (504 if still waiting)."""
 
@@ -176,6 +184,7 @@ Event = (
     | Unload
     | TtlExpired
     | Deadline
+    | Replan
     | Measured
     | Reconfigure
     | Shutdown

@@ -65,6 +65,26 @@ class ModelView:
     """Host memory it holds now."""
     returns_gb: float | None = None
     """A doomed model: what it gives back once evicted (None = ``reservation_gb``)."""
+    load_s: float = 0.0
+    """What a cold load of it costs, seconds (measured; 0 = not known yet)."""
+    wake_s: float = 0.0
+    """What a wake of it costs, seconds (measured; 0 = not known yet)."""
+    waited_s: float = 0.0
+    """The requester: how long its oldest waiting request has waited."""
+    in_flight: int = 0
+    """Requests holding a lease on it."""
+    queued: int = 0
+    """Requests waiting for it."""
+
+    @property
+    def start_s(self) -> float:
+        """What bringing it in costs now: a wake if it sleeps, else a cold load."""
+        return self.wake_s if self.state is ModelState.SLEEPING else self.load_s
+
+    @property
+    def restore_s(self) -> float:
+        """What bringing it back costs once evicted: a wake if it can sleep, else a cold load."""
+        return self.wake_s if self.residual_gb is not None else self.load_s
 
     @property
     def need_gb(self) -> float:
@@ -86,6 +106,12 @@ class Snapshot:
     """Loads promised memory but not started yet: model id -> need (GB)."""
     host_budget_gb: float = _INF
     """Host memory sleeping models may hold in all (``host.ram_gb``)."""
+    patience: float = 0.0
+    """Swap patience (rule 3, same-tier contention): a busy victim is drained for a requester
+    only once the requester's oldest request has waited ``patience`` x the swap's cost (the
+    requester's start plus the victim's restore, measured), at most ``patience_max_s``; idle
+    victims are taken at once. 0 = busy victims at once (the seed's order)."""
+    patience_max_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -103,7 +129,8 @@ class Promise:
 
 @dataclass(frozen=True)
 class Wait:
-    pass
+    retry_in_s: float | None = None
+    """A busy victim becomes eligible (swap patience) in this many seconds: plan again then."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +204,15 @@ def host_room(
     return None
 
 
+def patience_s(snapshot: Snapshot, me: ModelView, victim: ModelView) -> float:
+    """How long ``me``'s oldest request must have waited before busy ``victim`` may be drained
+    for it: the swap's cost (``me``'s start plus the victim's restore) x ``patience``, capped."""
+    if not victim.busy or snapshot.patience <= 0:
+        return 0.0
+    cost = me.start_s + victim.restore_s
+    return min(snapshot.patience_max_s, snapshot.patience * cost)
+
+
 def plan_load(snapshot: Snapshot, model_id: str) -> Decision:
     """Decide how ``model_id`` (unloaded or sleeping, not pending) can be loaded or woken."""
     me = snapshot.models[model_id]
@@ -202,9 +238,15 @@ def plan_load(snapshot: Snapshot, model_id: str) -> Decision:
         and v.reservation_gb > 0
         and v.model_id != model_id
     ]
-    candidates = eviction_order(
-        [v for v in allowed if v.state in (ModelState.READY, ModelState.SLEEPING)]
-    )
+    evictable = [v for v in allowed if v.state in (ModelState.READY, ModelState.SLEEPING)]
+    # Swap patience: a busy victim only once the requester has waited long enough for the swap
+    # to be worth its cost; until then, plan again when the first of them becomes eligible.
+    not_yet = {
+        v.model_id: patience_s(snapshot, me, v) - me.waited_s
+        for v in evictable
+        if patience_s(snapshot, me, v) > me.waited_s + _EPS
+    }
+    candidates = eviction_order([v for v in evictable if v.model_id not in not_yet])
     # Host memory a sleep may use: the budget less what sleepers M may not evict hold (those it
     # may evict can be stopped to make room), less what earlier sleeps of this plan take.
     evictable_sleepers = {
@@ -253,8 +295,9 @@ def plan_load(snapshot: Snapshot, model_id: str) -> Decision:
         for mid, gb in snapshot.pending.items()
         if mid != model_id and may_evict(me, snapshot.models[mid])
     )
-    if total + later + _EPS >= need:
-        return Wait()
+    soon = sum(snapshot.models[mid].reservation_gb for mid in not_yet)
+    if total + later + soon + _EPS >= need:
+        return Wait(retry_in_s=min(not_yet.values()) if not_yet else None)
 
     allowed_ids = {v.model_id for v in allowed}
     holders = [
