@@ -31,6 +31,7 @@ L = ModelState.LOADING
 R = ModelState.READY
 D = ModelState.DRAINING
 X = ModelState.UNLOADING
+S = ModelState.SLEEPING
 
 TIERS: Mapping[str, tuple[int, bool]] = {"llm": (0, False), "tts": (1, False), "asr": (2, True)}
 """The default tiers: name -> (rank, protected)."""
@@ -46,7 +47,14 @@ def mv(
     used: float = 0.0,
     pinned: bool = False,
     protected: bool | None = None,
+    full: float | None = None,
+    residual: float | None = None,
+    host: float = 0.0,
+    held: float = 0.0,
+    returns: float | None = None,
 ) -> ModelView:
+    """``residual`` (set: it can sleep), ``host`` (host GB it needs asleep), ``held`` (host GB
+    it holds now), ``full`` (a sleeper's whole reservation), ``returns`` (a doomed model's)."""
     rank, tier_protected = TIERS[tier]
     return ModelView(
         model_id=model_id,
@@ -57,6 +65,11 @@ def mv(
         busy=busy,
         reservation_gb=gb,
         last_used=used,
+        full_gb=full,
+        residual_gb=residual,
+        host_gb=host,
+        host_held_gb=held,
+        returns_gb=returns,
     )
 
 
@@ -68,9 +81,15 @@ class Case:
     expect: Decision
     pending: Mapping[str, float] = field(default_factory=dict)
     budget: float = 10.0
+    host_budget: float = float("inf")
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(self.budget, {v.model_id: v for v in self.models}, dict(self.pending))
+        return Snapshot(
+            self.budget,
+            {v.model_id: v for v in self.models},
+            dict(self.pending),
+            self.host_budget,
+        )
 
 
 def infeasible(need: float, *holders: tuple[str, float], budget: float = 10.0) -> Infeasible:
@@ -573,3 +592,44 @@ def test_eviction_order(views: list[ModelView], expected: list[str]) -> None:
 def test_reserved_gb_counts_resident_states(state: ModelState, counted: bool) -> None:
     snap = Snapshot(10.0, {"a": mv("a", "llm", 3, state), "b": mv("b", "tts", 2, R)}, {"c": 4})
     assert reserved_gb(snap) == (5.0 if counted else 2.0)
+
+
+# ---------------------------------------------------------------- rules 11-13: sleep
+
+SLEEP_BUGS: list[tuple[str, Case]] = [
+    (
+        "host/a-waking-requester-holds-its-host-memory-until-it-wakes",
+        # a sleeps (6 GB of host held); waking it needs b's VRAM. b's sleep would copy 6 GB to
+        # host memory before a's wake can start (a wakes once b's memory is free), so both are
+        # held at once: 12 > 10. b must stop instead of sleeping.
+        Case(
+            "a",
+            [
+                mv("a", "llm", 1, S, full=6, residual=1, host=6, held=6),
+                mv("b", "llm", 6, R, residual=1, host=6),
+            ],
+            Promise(("b",)),
+            host_budget=10,
+        ),
+    ),
+    (
+        "pending/a-sleeper-promised-a-wake-is-not-a-victim",
+        # a sleeps and is promised the memory draining b frees; c (tts) must not stop a (its
+        # waiters count as in flight, as a loading model's do): c waits.
+        Case(
+            "c",
+            [
+                mv("a", "llm", 1, S, full=6, residual=1),
+                mv("b", "llm", 6, D, busy=True),
+                mv("c", "tts", 5),
+            ],
+            Wait(),
+            pending={"a": 5},
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", [c for _, c in SLEEP_BUGS], ids=[i for i, _ in SLEEP_BUGS])
+def test_plan_load_sleep_regressions(case: Case) -> None:
+    assert plan_load(case.snapshot(), case.want) == case.expect

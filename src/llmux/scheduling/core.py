@@ -172,7 +172,7 @@ class SchedulerCore:
                 full_gb=m.gpu_gb if m.state is ModelState.SLEEPING else None,
                 residual_gb=m.residual_gb if m.sleep_level is not None else None,
                 host_gb=m.sleep_host_gb,
-                host_held_gb=m.host_reserved_gb,
+                host_held_gb=m.host_reserved_gb + m.host_promised_gb,
                 returns_gb=m.returns_gb if m.state in DOOMED else None,
                 load_s=m.load_s or 0.0,
                 wake_s=m.wake_s or 0.0,
@@ -251,6 +251,10 @@ class SchedulerCore:
                 self.host_overcommit_gb = max(0.0, self.host_reserved_gb - self.host_budget_gb)
             case Shutdown():
                 self._shutdown()
+        if self.drain_reasons:
+            for m in list(self.models.values()):
+                if m.state is ModelState.DRAINING and m.in_flight == 0:
+                    self._drained(m)  # waited for host memory, or no longer goes to sleep
         if (self.waiters or self.pending) and not self.closing:
             self._pump()  # else nothing waits for memory or for a load: nothing to act on
         if self.overcommit_gb > 0:
@@ -332,11 +336,7 @@ class SchedulerCore:
         if m.in_flight > 0:
             return
         if m.state is ModelState.DRAINING:
-            reason = self.drain_reasons.pop(m.model_id)
-            if m.sleep_after_drain is not None:
-                self._suspend(m, m.sleep_after_drain)
-            else:
-                self._stop(m, reason)
+            self._drained(m)
         else:
             self._became_idle(m)
 
@@ -426,6 +426,7 @@ class SchedulerCore:
             self._stop(m, m.stop_when_ready or StopReason.PRIORITY)
             return
         m.move(ModelState.READY)
+        m.holds_host = False
         m.wake_s = self.clock() - m.transition_at
         self.effects.notify(Notice.AWAKE, m.model_id, f"{m.wake_s:.3f}s")
         self._serve_waiters(m)
@@ -679,17 +680,37 @@ class SchedulerCore:
 
     def _doom(self, m: ModelRecord, reason: StopReason, sleep: SleepReason | None = None) -> None:
         """Evict ``m`` (stop it, or with ``sleep`` put it to sleep): at once if idle, else
-        drain first. A sleep's host reservation is held from now on."""
-        if m.in_flight == 0:
+        drain first. A sleep's host reservation is promised from now on."""
+        if m.in_flight == 0 and (sleep is None or self._host_fits(m)):
             if sleep is not None:
                 self._suspend(m, sleep)
             else:
                 self._stop(m, reason)
-        else:
-            m.move(ModelState.DRAINING)
-            m.sleep_after_drain = sleep
-            self.drain_reasons[m.model_id] = reason
-            self.effects.notify(Notice.DRAINING, m.model_id, reason.value)
+            return
+        m.move(ModelState.DRAINING)
+        m.sleep_after_drain = sleep
+        self.drain_reasons[m.model_id] = reason
+        self.effects.notify(Notice.DRAINING, m.model_id, reason.value)
+        if m.in_flight == 0:
+            self._drained(m)  # idle, waiting for host memory that stops under way return
+
+    def _host_fits(self, m: ModelRecord) -> bool:
+        """``m``'s host reservation fits in what processes really hold now."""
+        return self.host_reserved_gb + m.sleep_host_gb <= self.host_budget_gb + 1e-9
+
+    def _drained(self, m: ModelRecord) -> None:
+        """A draining model has nothing in flight: it goes to sleep (once its host reservation
+        really fits: sleepers being stopped still hold theirs), or stops."""
+        if m.sleep_after_drain is not None:
+            if self._host_fits(m):
+                del self.drain_reasons[m.model_id]
+                self._suspend(m, m.sleep_after_drain)
+                return
+            if any(o.state is ModelState.UNLOADING and o.holds_host for o in self.models.values()):
+                return  # host memory is on its way back: sleep then
+            m.sleep_after_drain = None  # it never will be: stop instead (rule 11)
+            self._reject_sleep_waiters(m, "its host reservation does not fit the host budget")
+        self._stop(m, self.drain_reasons.pop(m.model_id))
 
     def _stop(self, m: ModelRecord, reason: StopReason) -> None:
         m.move(ModelState.UNLOADING)
@@ -704,6 +725,7 @@ class SchedulerCore:
         assert m.sleep_level is not None
         m.move(ModelState.SUSPENDING)
         m.sleep_after_drain = None
+        m.holds_host = m.sleep_host_gb > 0
         self.effects.notify(Notice.SLEEPING, m.model_id, why.value)
         self.effects.suspend(m.model_id, m.generation, m.sleep_level)
 
@@ -772,6 +794,9 @@ class SchedulerCore:
             # Promised loads start, in promise order, once their memory is really free.
             for mid in list(self.pending):
                 m = self.models[mid]
+                if m.state not in (ModelState.UNLOADED, ModelState.SLEEPING):
+                    del self.pending[mid]  # no longer startable (a crash meanwhile): plan again
+                    continue
                 if self._need_gb(m) <= self._free_now() + 1e-9:
                     self._start(m)
                     progress = True
@@ -785,7 +810,12 @@ class SchedulerCore:
                     self._start(m)
                 elif isinstance(decision, Promise):
                     self.pending[m.model_id] = self._need_gb(m)
-                    for vid in decision.victims:
+                    # Sleepers first: a victim that goes to sleep may wait for their host memory.
+                    victims = sorted(
+                        decision.victims,
+                        key=lambda v: self.models[v].state is not ModelState.SLEEPING,
+                    )
+                    for vid in victims:
                         victim = self.models[vid]
                         if victim.state is ModelState.SLEEPING:
                             self._stop(victim, StopReason.PRIORITY)

@@ -62,7 +62,7 @@ class ModelView:
     host_gb: float = 0.0
     """Host memory it needs while asleep (level 1)."""
     host_held_gb: float = 0.0
-    """Host memory it holds now."""
+    """Host memory it holds now, or was promised (a model draining to sleep)."""
     returns_gb: float | None = None
     """A doomed model: what it gives back once evicted (None = ``reservation_gb``)."""
     load_s: float = 0.0
@@ -176,6 +176,26 @@ def host_reserved_gb(snapshot: Snapshot) -> float:
     return sum(v.host_held_gb for v in snapshot.models.values())
 
 
+def host_free_gb(snapshot: Snapshot) -> float:
+    """Host memory free for new sleeps once the stops under way are done: the budget less what
+    models hold or were promised, plus what sleepers being stopped give back."""
+    returning = sum(
+        v.host_held_gb for v in snapshot.models.values() if v.state is ModelState.UNLOADING
+    )
+    return snapshot.host_budget_gb - host_reserved_gb(snapshot) + returning
+
+
+def _stoppable_sleeper(snapshot: Snapshot, who: ModelView, v: ModelView) -> bool:
+    """A sleeper ``who`` may stop for room: not one promised a wake (its waiters count as in
+    flight, rule 5), and one rule 2 lets it evict."""
+    return (
+        v.state is ModelState.SLEEPING
+        and v.model_id != who.model_id
+        and v.model_id not in snapshot.pending
+        and may_evict(who, v)
+    )
+
+
 def host_room(
     snapshot: Snapshot, model_id: str, requester: str | None = None
 ) -> tuple[str, ...] | None:
@@ -184,17 +204,14 @@ def host_room(
     reservation fits the host budget; ``()`` if it fits already; None if it cannot fit."""
     me = snapshot.models[model_id]
     who = snapshot.models[requester or model_id]
-    free = snapshot.host_budget_gb - host_reserved_gb(snapshot) + me.host_held_gb
+    free = host_free_gb(snapshot)
     if me.host_gb <= free + _EPS:
         return ()
     out: list[str] = []
     sleepers = [
         v
         for v in snapshot.models.values()
-        if v.state is ModelState.SLEEPING
-        and v.host_held_gb > 0
-        and v.model_id != model_id
-        and may_evict(who, v)
+        if v.host_held_gb > 0 and v.model_id != model_id and _stoppable_sleeper(snapshot, who, v)
     ]
     for v in sorted(sleepers, key=lambda v: (v.tier_rank, v.last_used, v.model_id)):
         out.append(v.model_id)
@@ -238,7 +255,13 @@ def plan_load(snapshot: Snapshot, model_id: str) -> Decision:
         and v.reservation_gb > 0
         and v.model_id != model_id
     ]
-    evictable = [v for v in allowed if v.state in (ModelState.READY, ModelState.SLEEPING)]
+    # A sleeper promised a wake is not a victim: its waiters count as in flight (rule 5).
+    evictable = [
+        v
+        for v in allowed
+        if v.state is ModelState.READY
+        or (v.state is ModelState.SLEEPING and v.model_id not in snapshot.pending)
+    ]
     # Swap patience: a busy victim only once the requester has waited long enough for the swap
     # to be worth its cost; until then, plan again when the first of them becomes eligible.
     not_yet = {
@@ -249,13 +272,10 @@ def plan_load(snapshot: Snapshot, model_id: str) -> Decision:
     candidates = eviction_order([v for v in evictable if v.model_id not in not_yet])
     # Host memory a sleep may use: the budget less what sleepers M may not evict hold (those it
     # may evict can be stopped to make room), less what earlier sleeps of this plan take.
-    evictable_sleepers = {
-        v.model_id for v in allowed if v.state is ModelState.SLEEPING and v.host_held_gb > 0
-    }
-    host_cap = snapshot.host_budget_gb - sum(
-        v.host_held_gb
-        for v in snapshot.models.values()
-        if v.model_id not in evictable_sleepers and v.model_id != model_id
+    # Host memory a sleep of this plan may use: what is free once the stops under way are done,
+    # plus what the sleepers M may stop hold; less what earlier sleeps of this plan take.
+    host_cap = host_free_gb(snapshot) + sum(
+        v.host_held_gb for v in evictable if v.state is ModelState.SLEEPING
     )
     chosen: list[ModelView] = []
     sleeps: set[str] = set()
@@ -328,13 +348,13 @@ def _host_room_for(
     if want <= 0:
         return []
     stopped = {v.model_id for v in chosen}
-    free = snapshot.host_budget_gb - host_reserved_gb(snapshot) + me.host_held_gb
+    free = host_free_gb(snapshot)
     free += sum(v.host_held_gb for v in chosen if v.state is ModelState.SLEEPING)
     extra: list[str] = []
     sleepers = [
         v
         for v in allowed
-        if v.state is ModelState.SLEEPING and v.host_held_gb > 0 and v.model_id not in stopped
+        if v.host_held_gb > 0 and v.model_id not in stopped and _stoppable_sleeper(snapshot, me, v)
     ]
     for v in sorted(sleepers, key=lambda v: (v.tier_rank, v.last_used, v.model_id)):
         if want <= free + _EPS:

@@ -196,6 +196,9 @@ class ModelRecord:
     """Draining to sleep (not to stop): the host reservation is held from the decision on."""
     sleep_when_ready: bool = False
     """An admin sleep of a loading or waking model: it sleeps once ready."""
+    holds_host: bool = False
+    """Its process holds its host reservation (level 1): from the sleep sent until it is awake
+    again or gone (a stop or a failed wake keeps it until the process is gone)."""
     asleep: bool = False
     """Its engine sleeps (from the sleep's confirmation to the wake): it holds its residual
     only, also while a stop of it is under way."""
@@ -255,11 +258,14 @@ class ModelRecord:
 
     @property
     def host_reserved_gb(self) -> float:
-        """Host memory it holds (level-1 sleep): from the decision to sleep until it stops or
-        wakes."""
-        if self.state in (ModelState.SUSPENDING, ModelState.SLEEPING) or (
-            self.state is ModelState.DRAINING and self.sleep_after_drain is not None
-        ):
+        """Host memory its process holds (level-1 sleep): from the sleep sent until it is awake
+        again or its process is gone."""
+        return self.sleep_host_gb if self.holds_host else 0.0
+
+    @property
+    def host_promised_gb(self) -> float:
+        """Host memory promised to it: draining (or waiting for host memory) to go to sleep."""
+        if self.state is ModelState.DRAINING and self.sleep_after_drain is not None:
             return self.sleep_host_gb
         return 0.0
 
@@ -284,6 +290,7 @@ class ModelRecord:
         if to is ModelState.UNLOADED:
             self.on_cpu = False
             self.asleep = False
+            self.holds_host = False
             self.sleep_when_ready = False
             if self.next_learned_gb is not None:
                 self.learned_gb, self.next_learned_gb = self.next_learned_gb, None
