@@ -60,6 +60,7 @@ from llmux.scheduling.state import (
     ALIVE,
     DOOMED,
     RESIDENT,
+    Known,
     ModelRecord,
     ModelState,
     SleepReason,
@@ -95,6 +96,7 @@ class SchedulerCore:
         learned: Mapping[str, float] | None = None,
         plan: Callable[[Snapshot, str], Decision] = plan_load,
         host_budget_gb: float = float("inf"),
+        known: Mapping[str, Known] | None = None,
     ) -> None:
         """``learned``: peaks known from before (learned.json) for the config's launches.
         ``plan``: the planner, asked with the snapshot and the model to load (``plan_load``; the
@@ -116,6 +118,9 @@ class SchedulerCore:
         for mid, gb in (learned or {}).items():
             if mid in self.models:
                 self.models[mid].learned_gb = gb
+        for mid, k in (known or {}).items():
+            if mid in self.models:
+                self.models[mid].know(k)
         self.waiters: dict[int, Waiter] = {}
         self.leases: dict[int, Held] = {}
         self.pending: dict[str, float] = {}
@@ -603,6 +608,7 @@ class SchedulerCore:
                     m.learned_gb, m.next_learned_gb = known, None
                 else:
                     m.next_learned_gb = known
+                m.know(ev.known.get(mid))  # its times and residual were the old launch's
                 self._retire(m)  # its waiters stay and get the new process
             else:
                 m.learned_gb = max(m.learned_gb, known)
@@ -612,6 +618,7 @@ class SchedulerCore:
             if mid not in self.models:
                 self.models[mid] = ModelRecord.from_config(mid, new)
                 self.models[mid].learned_gb = ev.learned.get(mid, 0.0)
+                self.models[mid].know(ev.known.get(mid))
         # Reservations and the budget may have changed: promises are planned again.
         self.pending.clear()
         for mid, m in self.models.items():

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from llmux.config import Config
 from llmux.errors import LlmuxError
-from llmux.scheduling.state import StopReason, WaiterKind
+from llmux.scheduling.state import Known, StopReason, WaiterKind
 
 
 @dataclass(slots=True)
@@ -163,6 +163,8 @@ class Reconfigure:
     starts from these (or from nothing) instead of what its old process taught."""
     host_budget_gb: float | None = None
     """The new host budget (``host.ram_gb``); None = unchanged."""
+    known: Mapping[str, Known] = field(default_factory=dict)
+    """Residuals and load and wake times known (learned.json) for the new config's launches."""
 
 
 @dataclass(slots=True)

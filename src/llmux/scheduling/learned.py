@@ -4,7 +4,11 @@
 
     {"version": 1,
      "models": {"qwen-7b": {"gb": 6.42, "fingerprint": "3f2a...", "launch": "llama-server -m ...",
-                            "updated": 1795883208.3}}}
+                            "updated": 1795883208.3,
+                            "residual_gb": 0.51, "load_s": 31.2, "wake_s": 0.84}}}
+
+``residual_gb`` (what it kept asleep, rule 11), ``load_s`` and ``wake_s`` (the last cold load and
+wake, for the planner's swap costs) are optional: the last value measured, not a peak.
 
 An entry counts only for the launch it was measured for: ``fingerprint`` is
 ``state.launch_fingerprint`` (``cmd``, or ``engine`` + ``model`` + ``args``, and ``env``; the same
@@ -19,6 +23,7 @@ code: the scheduler core never touches it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -30,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from llmux.config import ModelConfig
-from llmux.scheduling.state import launch_fingerprint
+from llmux.scheduling.state import Known, launch_fingerprint
 
 log = logging.getLogger("llmux.scheduler")
 
@@ -65,14 +70,28 @@ class Peak:
     fingerprint: str
     launch: str = ""
     updated: float = 0.0
+    residual_gb: float = 0.0
+    load_s: float | None = None
+    wake_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "gb": round(self.gb, 4),
             "fingerprint": self.fingerprint,
             "launch": self.launch,
             "updated": round(self.updated, 1),
         }
+        if self.residual_gb > 0:
+            out["residual_gb"] = round(self.residual_gb, 4)
+        for key in ("load_s", "wake_s"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = round(value, 3)
+        return out
+
+    @property
+    def known(self) -> Known:
+        return Known(self.residual_gb, self.load_s, self.wake_s)
 
 
 class LearnedStore:
@@ -92,6 +111,42 @@ class LearnedStore:
                 out[mid] = peak.gb
         return out
 
+    def known_for(self, models: Mapping[str, ModelConfig]) -> dict[str, Known]:
+        """Residuals and load and wake times of each model measured for its current launch."""
+        out = {}
+        for mid, spec in models.items():
+            peak = self._peaks.get(mid)
+            if peak is not None and peak.fingerprint == launch_fingerprint(spec):
+                out[mid] = peak.known
+        return out
+
+    def record_known(
+        self,
+        model_id: str,
+        spec: ModelConfig,
+        *,
+        residual_gb: float | None = None,
+        load_s: float | None = None,
+        wake_s: float | None = None,
+    ) -> bool:
+        """Keep what was just measured of ``spec``'s launch (the last value, not a peak); True
+        if it was written."""
+        fp = launch_fingerprint(spec)
+        on_disk = self._read(warn=False)
+        self._peaks = {**on_disk, **{k: v for k, v in self._peaks.items() if k not in on_disk}}
+        old = self._peaks.get(model_id)
+        if old is None or old.fingerprint != fp:
+            old = Peak(0.0, fp, launch_text(spec))
+        new = dataclasses.replace(
+            old,
+            updated=time.time(),
+            residual_gb=old.residual_gb if residual_gb is None else residual_gb,
+            load_s=old.load_s if load_s is None else load_s,
+            wake_s=old.wake_s if wake_s is None else wake_s,
+        )
+        self._peaks[model_id] = new
+        return self._try_write()
+
     def peak(self, model_id: str, fp: str) -> float:
         peak = self._peaks.get(model_id)
         return peak.gb if peak is not None and peak.fingerprint == fp else 0.0
@@ -105,7 +160,14 @@ class LearnedStore:
         self._peaks = {**on_disk, **{k: v for k, v in self._peaks.items() if k not in on_disk}}
         if gb <= self.peak(model_id, fp) + 1e-9:
             return False  # another llmux wrote a higher one meanwhile
-        self._peaks[model_id] = Peak(gb, fp, launch_text(spec), time.time())
+        old = self._peaks.get(model_id)
+        known = old.known if old is not None and old.fingerprint == fp else Known()
+        self._peaks[model_id] = Peak(
+            gb, fp, launch_text(spec), time.time(), known.residual_gb, known.load_s, known.wake_s
+        )
+        return self._try_write()
+
+    def _try_write(self) -> bool:
         try:
             self._write()
         except OSError as exc:
@@ -140,6 +202,9 @@ class LearnedStore:
                     str(entry["fingerprint"]),
                     str(entry.get("launch", "")),
                     float(entry.get("updated", 0.0)),
+                    _seconds(entry.get("residual_gb")) or 0.0,
+                    _seconds(entry.get("load_s")),
+                    _seconds(entry.get("wake_s")),
                 )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             if warn:
@@ -162,3 +227,10 @@ class LearnedStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _seconds(value: Any) -> float | None:
+    """An optional non-negative number (seconds or GB); anything else is ignored (None)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return None

@@ -21,7 +21,7 @@ from llmux.gpu import GpuProbe
 from llmux.scheduling.events import Event, Measured, MeasuredResidual
 from llmux.scheduling.launcher import Child
 from llmux.scheduling.learned import LearnedStore
-from llmux.scheduling.state import launch_fingerprint
+from llmux.scheduling.state import Known, launch_fingerprint
 
 log = logging.getLogger("llmux.scheduler")
 
@@ -69,6 +69,27 @@ class GpuMeasurer:
         """Models with a measurement asked for and not done yet."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._warned = False
+
+    def known(self, models: Mapping[str, ModelConfig]) -> dict[str, Known]:
+        """Residuals and load and wake times measured before for ``models``' launches."""
+        return self.store.known_for(models)
+
+    def remember_known(
+        self,
+        model_id: str,
+        spec: ModelConfig,
+        *,
+        residual_gb: float | None = None,
+        load_s: float | None = None,
+        wake_s: float | None = None,
+    ) -> None:
+        """Persist what was just measured, if the process was started as the config says now."""
+        current = self._config().models.get(model_id)
+        if current is None or launch_fingerprint(current) != launch_fingerprint(spec):
+            return
+        self.store.record_known(
+            model_id, spec, residual_gb=residual_gb, load_s=load_s, wake_s=wake_s
+        )
 
     def learned(self, models: Mapping[str, ModelConfig]) -> dict[str, float]:
         """The learned peaks (GB) of ``models`` whose entry was measured for their launch."""
@@ -147,6 +168,9 @@ class GpuMeasurer:
         if child.returncode is None:
             self._measured[model_id] = (generation, gb)
             self._post(MeasuredResidual(model_id, gb, generation))
+            process = self._processes.get(model_id)
+            if process is not None and process.gpu_spec is not None and gb > 0:
+                self.remember_known(model_id, process.gpu_spec, residual_gb=gb)
 
     def last(self, model_id: str) -> tuple[int, float] | None:
         """The last measurement of ``model_id``'s process: (its generation, GB), or None."""

@@ -43,7 +43,14 @@ from llmux.scheduling.learned import LearnedStore, state_dir
 from llmux.scheduling.measurer import GpuMeasurer
 from llmux.scheduling.processes import Processes
 from llmux.scheduling.snapshot import EventSnapshot, ModelSnapshot, SchedulerSnapshot
-from llmux.scheduling.state import RESIDENT, ModelRecord, ModelState, StopReason, WaiterKind
+from llmux.scheduling.state import (
+    RESIDENT,
+    Known,
+    ModelRecord,
+    ModelState,
+    StopReason,
+    WaiterKind,
+)
 
 log = logging.getLogger("llmux.scheduler")
 
@@ -89,10 +96,12 @@ class Scheduler:
         self.clock = clock
         self.measurer: GpuMeasurer | None = None
         learned: dict[str, float] = {}
+        known: dict[str, Known] = {}
         if gpu is not None:
             store = LearnedStore(state_dir(config.server.state_dir))
             self.measurer = GpuMeasurer(gpu, store, self.post, lambda: self.core.config, clock)
             learned = self.measurer.learned(config.models)
+            known = self.measurer.known(config.models)
             if learned:
                 log.info(
                     "learned peaks from %s: %s",
@@ -108,6 +117,7 @@ class Scheduler:
             wall,
             learned=learned,
             host_budget_gb=config.host.budget_gb(host_available_gb),
+            known=known,
         )
         self.listeners: list[Listener] = []
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -135,8 +145,9 @@ class Scheduler:
 
     def reconfigure(self, config: Config, budget_gb: float) -> None:
         learned = self.measurer.learned(config.models) if self.measurer is not None else {}
+        known = self.measurer.known(config.models) if self.measurer is not None else {}
         host = config.host.budget_gb(self.host_available_gb)
-        self.post(Reconfigure(config, budget_gb, learned, host_budget_gb=host))
+        self.post(Reconfigure(config, budget_gb, learned, host_budget_gb=host, known=known))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -351,6 +362,12 @@ class Scheduler:
 
     def notify(self, notice: Notice, model_id: str, reason: str) -> None:
         m = self.core.models[model_id]
+        if self.measurer is not None and m.spec is not None and not m.on_cpu:
+            # The swap costs the planner uses, kept for the next run (learned.json).
+            if notice is Notice.READY and m.load_s is not None:
+                self.measurer.remember_known(model_id, m.spec, load_s=m.load_s)
+            elif notice is Notice.AWAKE and m.wake_s is not None:
+                self.measurer.remember_known(model_id, m.spec, wake_s=m.wake_s)
         event = EventSnapshot(
             ts=time.time(),
             event=notice,

@@ -122,6 +122,19 @@ class SleepReason(enum.Enum):
     """``POST /models/{id}/sleep``."""
 
 
+@dataclass(frozen=True)
+class Known:
+    """What earlier runs measured for a model's current launch (``learned.json``, with NVML),
+    besides its peak: used until this run measures again."""
+
+    residual_gb: float = 0.0
+    """VRAM its process kept while asleep."""
+    load_s: float | None = None
+    """Seconds its last cold load took."""
+    wake_s: float | None = None
+    """Seconds its last wake took."""
+
+
 class StopReason(enum.Enum):
     """Why a model's process is stopped (logged, and sent with the ``stop`` effect)."""
 
@@ -216,6 +229,12 @@ class ModelRecord:
         m = cls(model_id, "", 0, False, False, 0.0, None)
         m.configure(config)
         return m
+
+    def know(self, known: Known | None) -> None:
+        """Start from what earlier runs measured for this launch (or from nothing)."""
+        known = known or Known()
+        self.learned_residual_gb = known.residual_gb
+        self.load_s, self.wake_s = known.load_s, known.wake_s
 
     def configure(self, config: Config) -> None:
         """Take the settings that apply live (tier, reservation, ttl, pinned) from ``config``."""
