@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmux.scheduling.events import Release, SleepFinished, WakeFinished
-from llmux.scheduling.state import ModelState
-from tests.test_core_stateful import rig
+from llmux.scheduling.events import Reconfigure, Release, SleepFinished, WakeFinished
+from llmux.scheduling.state import ModelState, StopReason
+from tests.test_core_stateful import make_config, rig
 
 
 def sleepy(
@@ -66,3 +66,41 @@ def test_a_sleeper_promised_a_wake_is_not_stopped_for_another_model() -> None:
     assert r.rec.of("wake") == [("a", 1, 1)]
     assert wc not in r.rec.rejected()
     assert wa not in r.rec.rejected()
+
+
+def test_a_request_that_fits_only_if_a_sleepable_victim_stops_is_served() -> None:
+    r = rig({"a": sleepy(6, 1.5), "big": {"type": "llm", "vram_gb": 9}})
+    r.send(Release(r.ready("a")))
+    want = r.acquire("big")  # today: 503 insufficient_vram "held by: nothing"
+    assert want not in r.rec.rejected()
+    assert r.rec.stops() == [("a", 1, StopReason.PRIORITY)]
+    r.stopped("a")
+    r.loaded("big")
+    assert want in r.rec.granted()
+
+
+def test_a_reload_that_removes_sleep_from_a_sleeping_model() -> None:
+    models: dict[str, dict[str, Any]] = {"a": sleepy(6), "b": {"type": "llm", "vram_gb": 6}}
+    r = rig(models)
+    r.send(Release(r.ready("a")))
+    hb = r.acquire("b")
+    r.send(SleepFinished("a", r.gen("a")))
+    r.loaded("b")
+    r.send(Release(hb))
+    assert r.core.reserved_gb == 7
+    models["a"] = {"type": "llm", "vram_gb": 6}
+    r.send(Reconfigure(make_config(models), 10.0))
+    assert r.core.reserved_gb == 7  # the sleeping process still holds its residual (rule 1)
+    wa = r.acquire("a")
+    for _ in range(4):  # stopped and loaded cold, or woken: either way it is served
+        if wa in r.rec.granted():
+            break
+        if r.state("b") is ModelState.UNLOADING:
+            r.stopped("b")
+        elif r.state("a") is ModelState.UNLOADING:
+            r.stopped("a")
+        elif r.state("a") is ModelState.WAKING:
+            r.send(WakeFinished("a", r.gen("a")))
+        elif r.state("a") is ModelState.LOADING:
+            r.loaded("a")
+    assert wa in r.rec.granted()

@@ -633,3 +633,16 @@ SLEEP_BUGS: list[tuple[str, Case]] = [
 @pytest.mark.parametrize("case", [c for _, c in SLEEP_BUGS], ids=[i for i, _ in SLEEP_BUGS])
 def test_plan_load_sleep_regressions(case: Case) -> None:
     assert plan_load(case.snapshot(), case.want) == case.expect
+
+
+def test_a_victim_stops_when_only_its_stop_makes_room() -> None:
+    # b asleep keeps 1.5 GB: 1 + 4.5 < 9. Stopped, it frees 6: 1 + 6 >= 9. Today: Infeasible
+    # naming nothing (a 503 that says no one holds the memory).
+    case = Case("a", [mv("a", "llm", 9), mv("b", "llm", 6, R, residual=1.5)], Promise(("b",)))
+    assert plan_load(case.snapshot(), "a") == case.expect
+    case = Case(
+        "a",
+        [mv("a", "llm", 9), mv("b", "llm", 6, R, residual=1.5, used=1), mv("c", "llm", 3, R)],
+        Promise(("b", "c")),
+    )
+    assert plan_load(case.snapshot(), "a") == case.expect

@@ -608,7 +608,12 @@ class SchedulerCore:
                     m.learned_gb, m.next_learned_gb = known, None
                 else:
                     m.next_learned_gb = known
-                m.know(ev.known.get(mid))  # its times and residual were the old launch's
+                # Its times and residual were the old launch's: the new ones apply once the old
+                # process is gone (it may be asleep, holding the old residual, until then).
+                if m.state is ModelState.UNLOADED:
+                    m.know(ev.known.get(mid))
+                else:
+                    m.next_known = ev.known.get(mid) or Known()
                 self._retire(m)  # its waiters stay and get the new process
             else:
                 m.learned_gb = max(m.learned_gb, known)

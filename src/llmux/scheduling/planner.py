@@ -296,6 +296,16 @@ def plan_load(snapshot: Snapshot, model_id: str) -> Decision:
         else:
             frees[v.model_id] = v.reservation_gb
         total += frees[v.model_id]
+    # A sleep keeps the victim's residual: where every allowed victim is taken and the plan
+    # still does not fit, victims stop instead of sleeping, the last chosen first, until it
+    # does (rule 4: a stop frees what a sleep keeps).
+    for v in reversed(chosen):
+        if total + _EPS >= need:
+            break
+        if v.model_id in sleeps and v.residual_gb is not None:
+            sleeps.discard(v.model_id)
+            frees[v.model_id] = v.reservation_gb
+            total += v.residual_gb
     if total + _EPS >= need:
         # Drop victims that the later, larger ones made unnecessary.
         for v in list(chosen):

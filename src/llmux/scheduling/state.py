@@ -195,6 +195,8 @@ class ModelRecord:
     """The model's config as of its last (re)configuration."""
     on_cpu: bool = False
     """Placed on the CPU (cpu_fallback) for its current process: it holds no VRAM."""
+    next_known: Known | None = None
+    """As ``next_learned_gb``, for the residual and the load and wake times."""
     next_learned_gb: float | None = None
     """Its launch changed (reload) while a process of the old one runs: the learned peak that
     applies once that process is gone."""
@@ -246,9 +248,15 @@ class ModelRecord:
         self.pinned = spec.pinned
         self.configured_gb = spec.vram_gb
         self.ttl = spec.ttl
-        self.sleep_level = spec.sleep.level if spec.sleep is not None else None
-        self.configured_residual_gb = spec.sleep.residual_gb if spec.sleep is not None else 0.0
-        self.sleep_host_gb = spec.sleep_host_gb
+        if self.state is ModelState.UNLOADED:
+            self._take_sleep()  # a live process keeps the sleep settings it was started with
+
+    def _take_sleep(self) -> None:
+        """The ``sleep:`` settings of the config in force: they apply from the next load."""
+        sleep = self.spec.sleep if self.spec is not None else None
+        self.sleep_level = sleep.level if sleep is not None else None
+        self.configured_residual_gb = sleep.residual_gb if sleep is not None else 0.0
+        self.sleep_host_gb = self.spec.sleep_host_gb if self.spec is not None else 0.0
 
     waiters: list[int] = field(default_factory=list)
     """Request ids waiting for this model, oldest first."""
@@ -311,5 +319,9 @@ class ModelRecord:
             self.asleep = False
             self.holds_host = False
             self.sleep_when_ready = False
+            self._take_sleep()
+            if self.next_known is not None:
+                self.know(self.next_known)
+                self.next_known = None
             if self.next_learned_gb is not None:
                 self.learned_gb, self.next_learned_gb = self.next_learned_gb, None
