@@ -24,9 +24,15 @@ def test_durations(text: str | int, seconds: float) -> None:
 def test_minimal_and_defaults() -> None:
     cfg = parse_config("models:\n  m: {type: llm, vram_gb: 1, cmd: 'x --port ${PORT}'}\n")
     assert cfg.server.host == "127.0.0.1"
-    assert cfg.server.max_queue == 256
+    assert cfg.server.max_queue == 1024  # per model
     assert cfg.server.queue_timeout == 300
+    assert (cfg.server.swap_patience, cfg.server.swap_patience_max) == (6, 60)
+    assert cfg.host.ram_gb == "auto"
+    assert cfg.host.budget_gb(20.0) == pytest.approx(18.0)  # MemAvailable less 10%
+    assert cfg.host.budget_gb(None) == 0.0  # unknown: nothing may sleep at level 1
     m = cfg.models["m"]
+    assert m.sleep is None
+    assert m.sleep_host_gb == 0
     assert (m.ready_timeout, m.stop_timeout, m.ttl, m.health) == (300, 10, None, "/health")
     assert [t.name for t in cfg.tiers] == ["llm", "tts", "asr"]
     assert cfg.tier_protected("asr")
@@ -115,6 +121,63 @@ def test_errors_name_the_key(text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(text)
     assert any(expected in p for p in info.value.problems), info.value.problems
+
+
+def test_sleep_defaults_and_host_memory() -> None:
+    cfg = parse_config(
+        """
+host: {ram_gb: 32}
+models:
+  a: {type: llm, vram_gb: 14, cmd: 'serve --port ${PORT}', sleep: {}}
+  b: {type: llm, vram_gb: 8, cmd: 'serve --port ${PORT}', sleep: {level: 2, api: sglang}}
+  c: {type: llm, vram_gb: 8, cmd: 'serve --port ${PORT}', sleep: {host_gb: 9.5}}
+  v: {type: llm, vram_gb: 8, engine: vllm, model: org/name, sleep: {residual_gb: 0.75}}
+"""
+    )
+    assert cfg.host.budget_gb(None) == 32
+    a = cfg.models["a"]
+    assert a.sleep is not None
+    assert (a.sleep.level, a.sleep.residual_gb, a.sleep.api) == (1, 0.5, "vllm")
+    assert a.sleep_host_gb == 14  # level 1 holds the weights: vram_gb unless host_gb says
+    assert cfg.models["b"].sleep_host_gb == 0  # level 2 keeps nothing in host memory
+    assert cfg.models["c"].sleep_host_gb == 9.5
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (
+            "{type: tts, vram_gb: 1, engine: piper, model: en_US-joe-medium, sleep: {}}",
+            "engine 'piper' has no sleep endpoints",
+        ),
+        (
+            "{type: llm, vram_gb: 1, cmd: 'x --port ${PORT}', sleep: {residual_gb: 2}}",
+            "sleep.residual_gb (2) is more than vram_gb (1)",
+        ),
+        (
+            "{type: tts, vram_gb: 1, cmd: 'x --port ${PORT}', sleep: {},"
+            " cpu_fallback: {cmd: 'y --port ${PORT}'}}",
+            "'sleep' and 'cpu_fallback' cannot be combined",
+        ),
+        (
+            "{type: llm, vram_gb: 8, engine: vllm, model: org/name, sleep: {api: sglang}}",
+            "engine 'vllm' serves vLLM's sleep API",
+        ),
+        (
+            "{type: llm, vram_gb: 8, engine: vllm, model: org/name, sleep: {},"
+            " args: {enable_sleep_mode: false}}",
+            "'sleep' needs args.enable_sleep_mode",
+        ),
+        (
+            "{type: llm, vram_gb: 1, cmd: 'x --port ${PORT}', sleep: {level: 3}}",
+            "models.m.sleep.level",
+        ),
+    ],
+)
+def test_sleep_config_errors(model: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"models:\n  m: {model}\n")
+    assert expected in "\n".join(info.value.problems)
 
 
 def test_nvml_keys_default_and_resolve() -> None:
