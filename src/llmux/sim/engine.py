@@ -5,8 +5,11 @@ an event for the policy (the llmux core's own event types: ``LoadFinished``, ``S
 ``Release``, timers it asked for with ``call_at``...). The policy (the real ``SchedulerCore`` for
 ``llmux``) is driven only through ``handle(event)`` and acts only through ``Effects``:
 
-* ``start_load`` -> ``LoadFinished`` at now + load time (size / load_gbps + init);
+* ``start_load`` -> ``LoadFinished`` at now + load time (size / load_gbps + init, or the
+  scenario's ``load_s``);
 * ``stop`` -> ``StopFinished`` at now + stop_s;
+* ``suspend`` -> ``SleepFinished`` at now + the model's sleep time; ``wake`` -> ``WakeFinished``
+  at now + its wake time (vLLM's published times by default, ``Scenario.wake_time``);
 * ``grant`` -> the request is served: first byte after ``first_byte_s``, ``Release`` after
   ``service_s`` (and its voice follow-up arrives then);
 * ``reject`` -> a failed request; ``call_at`` -> pushed on the heap; ``notify`` -> counted.
@@ -32,7 +35,9 @@ from llmux.scheduling.events import (
     LoadFinished,
     Notice,
     Release,
+    SleepFinished,
     StopFinished,
+    WakeFinished,
 )
 from llmux.scheduling.state import StopReason
 from llmux.sim.scenario import Scenario
@@ -86,6 +91,21 @@ class LoadRecord:
 
 
 @dataclass
+class SleepRecord:
+    """One sleep (``kind`` "sleep": weights out) or wake ("wake": weights back) of a model."""
+
+    model_id: str
+    generation: int
+    kind: str
+    level: int
+    start: float
+    end: float
+    gb: float
+    """GB of weights moved: to host RAM (level 1 sleep), back to the GPU (a wake, from host RAM
+    at level 1 or from disk at level 2); 0 for a level-2 sleep (the weights are dropped)."""
+
+
+@dataclass
 class Recorder:
     requests: dict[int, SimRequest] = field(default_factory=dict)
     granted: dict[int, float] = field(default_factory=dict)
@@ -94,6 +114,8 @@ class Recorder:
     loads: list[LoadRecord] = field(default_factory=list)
     current: dict[str, LoadRecord] = field(default_factory=dict)
     notices: dict[str, int] = field(default_factory=dict)
+    sleeps: list[SleepRecord] = field(default_factory=list)
+    """Sleeps and wakes, in the order they were sent."""
 
 
 class SimEffects:
@@ -124,6 +146,22 @@ class SimEffects:
             rec.stopped_at = sim.now
             rec.reason = reason.value
         sim.push(sim.now + sim.scenario.stop_s, StopFinished(model_id, generation))
+
+    def suspend(self, model_id: str, generation: int, level: int) -> None:
+        sim = self.sim
+        sc = sim.scenario
+        end = sim.now + sc.sleep_time(model_id)
+        gb = sc.models[model_id].weights_gb if level == 1 else 0.0
+        sim.rec.sleeps.append(SleepRecord(model_id, generation, "sleep", level, sim.now, end, gb))
+        sim.push(end, SleepFinished(model_id, generation))
+
+    def wake(self, model_id: str, generation: int, level: int) -> None:
+        sim = self.sim
+        sc = sim.scenario
+        end = sim.now + sc.wake_time(model_id)
+        gb = sc.models[model_id].weights_gb
+        sim.rec.sleeps.append(SleepRecord(model_id, generation, "wake", level, sim.now, end, gb))
+        sim.push(end, WakeFinished(model_id, generation))
 
     def grant(self, rid: int, model_id: str, generation: int) -> None:
         sim = self.sim

@@ -27,7 +27,7 @@ Variants are named ``llmux+knob[=value]+...``:
 * ``prewarm``: a request for the voice ASR model also asks (as an admin load) for the voice TTS
   model if it is not loaded: a pipeline hint ("after X, Y is likely").
 * ``passover=S``: the core's existing ``passover_bound`` (an existing constructor hook).
-* ``maxq=N``: ``server.max_queue`` (a config setting; llmux's default is 256).
+* ``maxq=N``: ``server.max_queue`` (a config setting; llmux's default is 1024 per model).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from llmux.scheduling.state import (
     WaiterKind,
 )
 from llmux.sim.engine import Policy, PolicyFactory, SimContext, SimEffects
+from llmux.sim.policies import core_options
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,12 @@ class _Tap:
 
     def stop(self, model_id: str, generation: int, reason: StopReason) -> None:
         self.inner.stop(model_id, generation, reason)
+
+    def suspend(self, model_id: str, generation: int, level: int) -> None:
+        self.inner.suspend(model_id, generation, level)
+
+    def wake(self, model_id: str, generation: int, level: int) -> None:
+        self.inner.wake(model_id, generation, level)
 
     def grant(self, rid: int, model_id: str, generation: int) -> None:
         self.granted[rid] = self.clock()
@@ -120,6 +127,7 @@ class TunedCore(SchedulerCore):
             if tuning.passover is not None
             else sc.llmux.passover_bound_s,
             plan=self._plan,
+            **core_options(sc),
         )
         self.ctx = ctx
         self.tuning = tuning
@@ -253,7 +261,7 @@ class TunedCore(SchedulerCore):
         for v in cands:
             if v.state is ModelState.READY and (wait or v.model_id not in chosen):
                 views[v.model_id] = dataclasses.replace(v, state=ModelState.LOADING)
-        return Snapshot(snap.budget_gb, views, snap.pending)
+        return dataclasses.replace(snap, models=views)
 
     def _minres(self, v: ModelView) -> float:
         m = self.tuning.minres
@@ -298,7 +306,7 @@ class TunedCore(SchedulerCore):
                 )
             else:
                 views[mid] = v
-        out = Snapshot(snap.budget_gb, views, snap.pending)
+        out = dataclasses.replace(snap, models=views)
         return self._cost_view(out, requester) if t.cost else out
 
 

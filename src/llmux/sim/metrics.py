@@ -8,6 +8,10 @@
   apart), swaps (= loads beyond the first of each model), wasted loads (a load evicted before any
   request that arrived after it was ready used it: it bought nothing beyond the cold requests
   that forced it), loading share (the share of the run during which a load was in progress).
+* sleeps and wakes (llmux's ``sleep:``): how many, GB of weights moved out (to host RAM, level 1)
+  and back in (``gb_woken``, from host RAM or, at level 2, from disk), and the seconds spent
+  waking (``wake_s``, summed over wakes). A wake is not a load: "GB loaded" and "loads" count
+  cold loads only.
 """
 
 from __future__ import annotations
@@ -110,4 +114,9 @@ def summarize(sc: Scenario, rec: Recorder) -> dict[str, Any]:
         "wasted_loads": wasted,
         "loading_share": loading / end if end > 0 else 0.0,
         "span_s": end,
+        "sleeps": sum(1 for r in rec.sleeps if r.kind == "sleep"),
+        "wakes": sum(1 for r in rec.sleeps if r.kind == "wake"),
+        "gb_slept": round(sum(r.gb for r in rec.sleeps if r.kind == "sleep"), 6),
+        "gb_woken": round(sum(r.gb for r in rec.sleeps if r.kind == "wake"), 6),
+        "wake_s": round(sum(r.end - r.start for r in rec.sleeps if r.kind == "wake"), 6),
     }

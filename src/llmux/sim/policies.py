@@ -20,8 +20,9 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from llmux.errors import InsufficientVram
+from llmux.errors import InsufficientVram, ModelLoadFailed, QueueFull
 from llmux.scheduling.core import SchedulerCore
 from llmux.scheduling.events import (
     Acquire,
@@ -36,24 +37,45 @@ from llmux.scheduling.events import (
 from llmux.scheduling.planner import ModelView, may_evict
 from llmux.scheduling.state import ModelState, StopReason
 from llmux.sim.engine import Policy, PolicyFactory, SimContext, SimEffects
+from llmux.sim.scenario import GroupSpec, Scenario
 
 _EPS = 1e-9
 _RESIDENT = (ModelState.LOADING, ModelState.READY, ModelState.DRAINING, ModelState.UNLOADING)
 
 
+def core_options(sc: Scenario, sleep: bool = True) -> dict[str, Any]:
+    """Keyword arguments of ``SchedulerCore`` that only scenarios with sleepers need: the host
+    budget (the runtime gives the core ``host.ram_gb`` resolved the same way). Left out
+    otherwise, so a scenario without ``sleep:`` builds the core exactly as before."""
+    return {"host_budget_gb": sc.host_budget_gb} if sleep and sc.llmux.sleep and sc.sleepers else {}
+
+
 def llmux_policy(
-    ctx: SimContext, effects: SimEffects, clock: Callable[[], float], fallback: bool = True
+    ctx: SimContext,
+    effects: SimEffects,
+    clock: Callable[[], float],
+    fallback: bool = True,
+    sleep: bool = True,
 ) -> Policy:
     """The real ``SchedulerCore`` (DESIGN.md §3, docs/scheduling.md), on the virtual clock."""
     sc = ctx.scenario
     return SchedulerCore(
-        sc.llmux_config(fallback),
+        sc.llmux_config(fallback, sleep),
         sc.budget_gb,
         effects,
         clock,
         clock,
         passover_bound=sc.llmux.passover_bound_s,
+        **core_options(sc, sleep),
     )
+
+
+def llmux_no_sleep_policy(
+    ctx: SimContext, effects: SimEffects, clock: Callable[[], float]
+) -> Policy:
+    """The real core with every ``sleep:`` left out of its config: eviction stops the model,
+    as before issue 12 (and as every baseline does)."""
+    return llmux_policy(ctx, effects, clock, sleep=False)
 
 
 def llmux_gpu_only_policy(
@@ -593,6 +615,247 @@ class LlamaSwap(Baseline):
             self.current = m.model_id
 
 
+def voice_stack_groups(sc: Scenario) -> dict[str, GroupSpec]:
+    """llama-swap's groups as a user sets them up for a voice stack: the ASR and TTS models
+    together in a group that never swaps and that no other group unloads, the LLMs in a group
+    that swaps among itself and leaves the voice group alone."""
+    voice = [mid for mid, m in sc.models.items() if m.type != "llm"]
+    llms = [mid for mid, m in sc.models.items() if m.type == "llm"]
+    groups: dict[str, GroupSpec] = {}
+    if voice:
+        groups["voice"] = GroupSpec(members=voice, swap=False, exclusive=False, persistent=True)
+    if llms:
+        groups["llms"] = GroupSpec(members=llms, swap=True, exclusive=False)
+    return groups
+
+
+@dataclass
+class _Swap:
+    """One swap in flight (llama-swap's ``activeSwap`` and its ``doSwap`` goroutine)."""
+
+    target: str
+    evict: list[str]
+    waiters: list[int]
+    stopping: set[str] = field(default_factory=set)
+    """Evicted models whose stop has not finished: the target starts once this is empty."""
+    ok: bool | None = None
+    """Its outcome (``SwapDone``), handled after the event that settled it."""
+
+
+class LlamaSwapGroups(Baseline):
+    """llama-swap's current router with ``groups`` (mostlygeek/llama-swap,
+    internal/router/group.go ``groupSwapper.EvictionFor``, internal/router/scheduler/fifo.go
+    ``FIFO``, internal/router/base.go ``doSwap``; internal/config/config.go for the
+    ``(default)`` group). By default (``llama_swap.groups: null``) the groups a user sets up for
+    a voice stack (``voice_stack_groups``); any other ``groups`` can be given in the scenario.
+
+    Eviction: starting model X stops the running members of X's group when it has ``swap``,
+    and, when X's group is ``exclusive``, the running members of every other group that is not
+    ``persistent``. Models in no group are in ``(default)`` (swap and exclusive).
+
+    Scheduling (FIFO), one event at a time: a request joins the swap in flight for its model;
+    else it is served at once if its model is ready, nothing needs evicting and no swap in
+    flight is stopping it; else it queues if its swap would collide with one in flight (it
+    would stop that swap's target, that swap stops this model, or both stop the same model) or
+    would stop a model with requests in flight; else a swap starts (in parallel with others
+    that do not collide): stop the evicted models (all at once), then start the target, then
+    serve its waiters. The queue is re-examined in order when a swap is done and when a
+    model's last request finishes, not otherwise. No memory check: a start that does not fit
+    the GPU fails (as the engine would, out of memory), and its waiters get an error.
+
+    Left out: the ``matrix`` router, ``hooks.on_startup.preload``, ``ttl``, per-model FIFO
+    ``priority`` (all 0, the default), and the per-model ``concurrencyLimit`` (default 10; off
+    here like every policy's, see ``llama_swap.concurrency_limit``). A failed start answers
+    its waiters at once, not after the engine's own start-up time."""
+
+    def __init__(
+        self,
+        ctx: SimContext,
+        effects: SimEffects,
+        clock: Callable[[], float],
+        groups: dict[str, GroupSpec] | None = None,
+    ) -> None:
+        super().__init__(ctx, effects, clock)
+        sc = ctx.scenario
+        if groups is None:
+            groups = sc.llama_swap.groups
+        if groups is None:
+            groups = voice_stack_groups(sc)
+        self.groups = dict(groups)
+        self.group_of = {mid: gid for gid, g in self.groups.items() for mid in g.members}
+        orphans = [mid for mid in sc.models if mid not in self.group_of]
+        if orphans:
+            self.groups["(default)"] = GroupSpec(members=orphans)
+            self.group_of.update({mid: "(default)" for mid in orphans})
+        self.limit = sc.llama_swap.concurrency_limit
+        self.active: dict[str, _Swap] = {}
+        self.queue: list[int] = []
+        self.model_of: dict[int, str] = {}
+        self.admitted: dict[str, int] = {}
+        """Per model: requests queued, waiting on a swap or in flight (concurrencyLimit)."""
+
+    # -- the swapper (pure)
+
+    def eviction_for(self, target: str, running: list[str]) -> list[str]:
+        tg = self.groups[self.group_of[target]]
+        out: list[str] = []
+        for mid in running:
+            if mid == target or mid in out:
+                continue
+            og = self.group_of[mid]
+            if og == self.group_of[target]:
+                if tg.swap:
+                    out.append(mid)
+            elif tg.exclusive and not self.groups[og].persistent:
+                out.append(mid)
+        return out
+
+    # -- the FIFO scheduler
+
+    def running_set(self, exclude: str) -> list[str]:
+        live = {mid for mid, m in self.models.items() if m.state is not ModelState.UNLOADED}
+        live |= {t for t in self.active if t != exclude}
+        return sorted(live)
+
+    def collides(self, target: str, evict: list[str]) -> bool:
+        for tid, sw in self.active.items():
+            if tid == target:
+                continue
+            if tid in evict or target in sw.evict or set(evict) & set(sw.evict):
+                return True
+        return False
+
+    def busy(self, evict: list[str]) -> bool:
+        return any(self.models[mid].in_flight > 0 for mid in evict)
+
+    def acquire(self, rid: int, m: _Model) -> None:
+        if self.limit is not None and self.admitted.get(m.model_id, 0) >= self.limit:
+            self.effects.reject(rid, QueueFull(f"model '{m.model_id}': concurrency limit"))
+            return
+        self.admitted[m.model_id] = self.admitted.get(m.model_id, 0) + 1
+        self.model_of[rid] = m.model_id
+        if not self.decide(rid):
+            self.queue.append(rid)
+
+    def decide(self, rid: int) -> bool:
+        """The FIFO decision tree for one request; False = it stays (or goes) in the queue."""
+        mid = self.model_of[rid]
+        if mid in self.active:
+            self.active[mid].waiters.append(rid)
+            return True
+        evict = self.eviction_for(mid, self.running_set(mid))
+        m = self.models[mid]
+        if m.state is ModelState.READY and not evict and not self.collides(mid, evict):
+            self.grant(rid, m)
+            return True
+        if self.collides(mid, evict) or self.busy(evict):
+            return False
+        sw = _Swap(mid, evict, [rid])
+        self.active[mid] = sw
+        for vid in evict:
+            v = self.models[vid]
+            if v.state is ModelState.READY:  # idle: busy ones were ruled out above
+                v.doomed = StopReason.PRIORITY
+                self._stop(v)
+            if v.state is ModelState.UNLOADING:
+                sw.stopping.add(vid)
+        self.ensure_ready(sw)
+        return True
+
+    def ensure_ready(self, sw: _Swap) -> None:
+        """``doSwap`` once its stops are done: start the target unless it is running."""
+        if sw.stopping:
+            return
+        m = self.models[sw.target]
+        if m.state is ModelState.READY:
+            sw.ok = True
+        elif m.state is ModelState.UNLOADED:
+            if m.gb > self.free_now(m.model_id) + _EPS:
+                sw.ok = False
+            else:
+                self.start(m)
+        # LOADING: its LoadFinished settles it; UNLOADING: its StopFinished starts it again.
+
+    def swap_done(self, sw: _Swap) -> None:
+        del self.active[sw.target]
+        m = self.models[sw.target]
+        for rid in sw.waiters:
+            if sw.ok:
+                self.grant(rid, m)
+            else:
+                self._forget(rid)
+                self.effects.reject(
+                    rid,
+                    ModelLoadFailed(
+                        f"model '{m.model_id}' ({m.gb:g} GB) does not fit: "
+                        f"{self.free_now(m.model_id):g} GB free"
+                    ),
+                )
+        self.drain()
+
+    def drain(self) -> None:
+        """``drainQueue``: every queued request, in order, through the decision tree again.
+        Within one pass a model found blocked stays blocked (swaps only start and leases only
+        grow during it), so its later requests are kept without asking again."""
+        pending, self.queue = self.queue, []
+        blocked: set[str] = set()
+        for rid in pending:
+            if rid in self.gone:
+                continue
+            if self.model_of[rid] in blocked or not self.decide(rid):
+                blocked.add(self.model_of[rid])
+                self.queue.append(rid)
+
+    def _forget(self, rid: int) -> None:
+        mid = self.model_of.pop(rid, None)
+        if mid is not None:
+            self.admitted[mid] -= 1
+
+    # -- lifecycle hooks
+
+    def pump(self) -> None:
+        """Deliver the swaps settled by the event just handled (``OnSwapDone``), one by one:
+        each re-examines the queue, which may start (and settle) more."""
+        while True:
+            for sw in self.active.values():
+                if (
+                    sw.ok is None
+                    and not sw.stopping
+                    and self.models[sw.target].state is ModelState.READY
+                ):
+                    sw.ok = True
+            done = next((sw for sw in self.active.values() if sw.ok is not None), None)
+            if done is None:
+                return
+            self.swap_done(done)
+
+    def stopped(self, m: _Model) -> None:
+        for sw in list(self.active.values()):
+            if m.model_id in sw.stopping:
+                sw.stopping.discard(m.model_id)
+                self.ensure_ready(sw)
+            elif sw.target == m.model_id:
+                self.ensure_ready(sw)
+
+    def _release(self, rid: int) -> None:
+        mid = self.model_of.get(rid)
+        busy_before = mid is not None and self.models[mid].in_flight > 0
+        super()._release(rid)
+        self._forget(rid)
+        if busy_before and mid is not None and self.models[mid].in_flight == 0:
+            self.drain()
+
+    def _cancel(self, rid: int) -> None:
+        if rid in self.leases:
+            self._release(rid)
+            return
+        self.gone.add(rid)  # dropped from the queue at its next pass
+        for sw in self.active.values():
+            if rid in sw.waiters:
+                sw.waiters.remove(rid)
+        self._forget(rid)
+
+
 class Ollama(Baseline):
     """Ollama's scheduler (ollama/ollama server/sched.go ``processPending``,
     ``findRunnerToUnload``, ``processCompleted``), defaults: keep_alive 5 min, at most 3 loaded
@@ -707,9 +970,11 @@ class Ollama(Baseline):
 POLICIES: dict[str, PolicyFactory] = {
     "llmux": llmux_policy,
     "llmux-gpu-only": llmux_gpu_only_policy,
+    "llmux-no-sleep": llmux_no_sleep_policy,
     "seed": Seed,
     "strict": Strict,
     "llama-swap": LlamaSwap,
+    "llama-swap-groups": LlamaSwapGroups,
     "ollama": Ollama,
     "lru": Lru,
     "oracle": Oracle,

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from llmux.sim.goals import check_run, goals_table
 
 TIERS = ("asr", "llm", "tts")
 
@@ -38,11 +41,13 @@ def _sec(x: float | None) -> str:
 def table(result: dict[str, Any]) -> str:
     """One row per policy: SLO attainment and p99 TTFB per tier, then the load counters."""
     tiers = [t for t in TIERS if any(t in r["tiers"] for r in result["policies"].values())]
+    sleeps = _slept(result["policies"].values())
     head = (
         ["policy"]
         + [f"{t.upper()} in SLO" for t in tiers]
         + [f"{t.upper()} p50 / p99 s" for t in tiers]
         + ["loads", "swaps", "GB loaded", "wasted", "loading", "failed", "run s"]
+        + (["sleeps", "wakes", "GB woken", "waking s"] if sleeps else [])
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in result["policies"].items():
@@ -60,27 +65,40 @@ def table(result: dict[str, Any]) -> str:
             str(r["failed"]),
             f"{r['runtime_s']:.1f}",
         ]
+        if sleeps:
+            row += [
+                str(r.get("sleeps", 0)),
+                str(r.get("wakes", 0)),
+                f"{r.get('gb_woken', 0.0):,.1f}",
+                f"{r.get('wake_s', 0.0):,.1f}",
+            ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _slept(results: Iterable[dict[str, Any]]) -> bool:
+    return any(r.get("sleeps", 0) or r.get("wakes", 0) for r in results)
+
+
 def sweep_table(sweep: dict[str, Any]) -> str:
-    """Per sweep value and policy: SLO attainment per tier, GB loaded, failed."""
+    """Per sweep value and policy: SLO attainment per tier, GB loaded, failed (and, where any
+    model slept, the wakes and GB woken)."""
+    sleeps = _slept(r for p in sweep["points"] for r in p["policies"].values())
     head = ["policy", sweep["key"], "ASR", "LLM", "TTS", "GB loaded", "failed"]
+    head += ["wakes", "GB woken"] if sleeps else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     names = list(sweep["points"][0]["policies"]) if sweep["points"] else []
     for name in names:
         for p in sweep["points"]:
             r = p["policies"][name]
-            lines.append(
-                "| "
-                + " | ".join(
-                    [f"`{name}`", str(p["value"])]
-                    + [_pct(r["tiers"].get(t, {}).get("within_slo")) for t in TIERS]
-                    + [f"{r['gb_loaded']:,.1f}", str(r["failed"])]
-                )
-                + " |"
+            row = (
+                [f"`{name}`", str(p["value"])]
+                + [_pct(r["tiers"].get(t, {}).get("within_slo")) for t in TIERS]
+                + [f"{r['gb_loaded']:,.1f}", str(r["failed"])]
             )
+            if sleeps:
+                row += [str(r.get("wakes", 0)), f"{r.get('gb_woken', 0.0):,.1f}"]
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -100,6 +118,16 @@ def markdown(result: dict[str, Any], sweeps: list[dict[str, Any]]) -> str:
     for s in sweeps:
         out.append(f"\n## Sweep `{s['sweep']}` ({s['key']}), wall time {s['wall_s']:.1f} s\n\n")
         out.append(sweep_table(s))
+    cells = check_run(result, sweeps)
+    if cells:
+        spec = sc.get("goals", {})
+        out.append(
+            f"\n## Goals (issue 12): `{spec.get('candidate', 'llmux')}` in every cell\n\n"
+            "ASR within SLO at least the minimum; LLM and TTS at least the best counted peer "
+            "(a peer counts where its own ASR meets the minimum) less the margin; no failed "
+            "requests where the floor has none. Margins in points (requests for failed).\n\n"
+        )
+        out.append(goals_table(cells))
     return "".join(out)
 
 

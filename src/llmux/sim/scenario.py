@@ -36,16 +36,47 @@ class TierSpec(_Strict):
     protected: bool = False
 
 
+# vLLM's published sleep-mode timings (blog.vllm.ai/2025/10/26/sleep-mode.html, A100, vLLM
+# 0.11.0: Qwen3-0.6B, about 1.2 GB of bf16 weights, and Phi-3-vision-128k, about 8.4 GB), fitted
+# as a + b x GB of weights through the two models' means. docs/simulator.md gives the data.
+SLEEP_TIMES: dict[int, dict[str, tuple[float, float]]] = {
+    1: {"wake": (0.17, 0.078), "sleep": (0.035, 0.046)},
+    2: {"wake": (0.56, 0.24), "sleep": (0.05, 0.049)},
+}
+"""Level -> ``wake``/``sleep`` -> (seconds, seconds per GB of weights)."""
+
+UNLIMITED_HOST_GB = 1e9
+"""``host.ram_gb: null``: what the core is given (no host limit in practice)."""
+
+
+class SleepSpec(_Strict):
+    """The model's ``sleep:`` in llmux's config (DESIGN rules 11-13), plus its timings here."""
+
+    level: Literal[1, 2] = 1
+    """1: weights kept in host RAM (``host_gb`` held while asleep); 2: dropped, reread on wake."""
+    residual_gb: float = Field(0.5, ge=0)
+    """GPU memory still held while asleep."""
+    host_gb: float | None = Field(None, ge=0)
+    """GB of weights (moved to the host at level 1, reread at level 2); None = ``vram_gb``."""
+    wake_s: float | None = Field(None, ge=0)
+    """Seconds to wake; None = vLLM's published times scaled by the weights (SLEEP_TIMES)."""
+    sleep_s: float | None = Field(None, ge=0)
+    """Seconds to fall asleep; None = as for ``wake_s``."""
+
+
 class ModelSpec(_Strict):
     type: ModelKind
     vram_gb: float = Field(ge=0)
     """GPU memory; ignored (0) when ``device`` is cpu."""
     init_s: float = Field(0.0, ge=0)
     """Engine start-up after the weights are read (load = vram_gb / load_gbps + init_s)."""
+    load_s: float | None = Field(None, ge=0)
+    """The whole cold load, seconds, instead of ``vram_gb / load_gbps + init_s``."""
     tier: str | None = None
     """Defaults to the type."""
     trace: str | None = None
-    """LLMs: the Azure LLM trace file (in ``trace.dir``) that feeds this model."""
+    """LLMs: the trace file (in ``trace.dir``) that feeds this model: an Azure LLM inference
+    CSV, or a Mooncake ``*.jsonl`` trace (docs/simulator.md, bench/traces/README.md)."""
     first_byte_s: float | None = Field(None, ge=0)
     """Non-LLM: seconds from grant to the first byte (TTFB adds queue wait and load)."""
     service_s: float | None = Field(None, ge=0)
@@ -56,6 +87,9 @@ class ModelSpec(_Strict):
     """llmux only (its ``cpu_fallback`` config): a load that would have to evict or wait runs
     on the CPU instead (no GPU memory, times x ``cpu.slowdown`` while placed there)."""
     pinned: bool = False
+    sleep: SleepSpec | None = None
+    """llmux only (its ``sleep:`` config): eviction puts the model to sleep when host memory
+    allows, and a request wakes it. The baselines stop it as before (no peer plans sleep)."""
 
     @model_validator(mode="after")
     def _times(self) -> ModelSpec:
@@ -63,7 +97,21 @@ class ModelSpec(_Strict):
             raise ValueError("non-LLM models need first_byte_s and service_s")
         if self.type == "llm" and self.trace is None:
             raise ValueError("LLM models need a trace")
+        if self.sleep is not None:
+            if self.cpu_fallback:
+                raise ValueError("'sleep' and 'cpu_fallback' cannot be combined")
+            if self.device == "cpu":
+                raise ValueError("'sleep' is for a model on the GPU")
+            if self.sleep.residual_gb > self.vram_gb:
+                raise ValueError("sleep.residual_gb is more than vram_gb")
         return self
+
+    @property
+    def weights_gb(self) -> float:
+        """GB of weights a sleep moves out and a wake brings back."""
+        if self.sleep is not None and self.sleep.host_gb is not None:
+            return self.sleep.host_gb
+        return self.vram_gb
 
 
 class ServiceSpec(_Strict):
@@ -98,6 +146,22 @@ class TraceSpec(_Strict):
     """Keep only this many seconds (before scaling); None = the whole trace."""
 
 
+class HostSpec(_Strict):
+    ram_gb: float | None = Field(None, ge=0)
+    """Host memory sleeping models may hold at level 1 in all (llmux's ``host.ram_gb``);
+    None = unlimited. (The real default, auto, is MemAvailable at start less 10%: a property
+    of the machine, not of a scenario.)"""
+
+
+class LoadTimes(_Strict):
+    """Cold-load time of every model of a type, seconds (a model's own ``load_s`` wins);
+    None = ``vram_gb / load_gbps + init_s``. ``--set load_s.llm=30``: vLLM-class LLM loads."""
+
+    llm: float | None = Field(None, ge=0)
+    asr: float | None = Field(None, ge=0)
+    tts: float | None = Field(None, ge=0)
+
+
 class SloSpec(_Strict):
     llm: float = 10.0
     asr: float = 1.0
@@ -109,9 +173,14 @@ class SloSpec(_Strict):
 
 
 class LlmuxSpec(_Strict):
-    max_queue: int = Field(256, ge=0)
+    max_queue: int = Field(1024, ge=0)
+    """Per model (llmux's ``server.max_queue``)."""
     queue_timeout_s: float = Field(300.0, ge=0)
     passover_bound_s: float = Field(10.0, ge=0)
+    swap_patience: float = Field(6.0, ge=0)
+    swap_patience_max_s: float = Field(60.0, ge=0)
+    sleep: bool = True
+    """False: the models' ``sleep:`` is left out of llmux's config (eviction stops them)."""
 
 
 class OllamaSpec(_Strict):
@@ -123,6 +192,50 @@ class OllamaSpec(_Strict):
 class LruSpec(_Strict):
     retry_interval_s: float = 1.0
     max_retries: int = 30
+
+
+class GroupSpec(_Strict):
+    """One of llama-swap's ``groups`` (routing.router.settings.groups, config.example.yaml)."""
+
+    members: list[str]
+    swap: bool = True
+    """True: one member runs at a time (a member's start stops the others)."""
+    exclusive: bool = True
+    """True: a member's start stops every other group's running members (not persistent)."""
+    persistent: bool = False
+    """Other groups never stop this group's members."""
+
+
+class LlamaSwapSpec(_Strict):
+    groups: dict[str, GroupSpec] | None = None
+    """Policy ``llama-swap-groups``: None = the voice stack (ASR and TTS models in a group
+    ``voice`` with swap, exclusive false and persistent; LLMs in a group ``llms`` with swap
+    true and exclusive false). Models in no group go to ``(default)`` (swap, exclusive)."""
+    concurrency_limit: int | None = Field(None, ge=1)
+    """``llama-swap-groups``: requests admitted per model at once (queued or in flight), past
+    it 429; llama-swap's own default is 10. None = no limit (as for every other policy here)."""
+
+
+class GoalsSpec(_Strict):
+    """The goals check (issue 12), per cell: see ``llmux.sim.goals``."""
+
+    candidate: str = "llmux"
+    peers: list[str] = [
+        "llama-swap",
+        "llama-swap-groups",
+        "ollama",
+        "lru",
+        "strict",
+        "oracle-tiered",
+    ]
+    floor: str = "floor"
+    asr_min: float = 0.995
+    """The candidate's ASR within SLO, and a peer's to count as a bar."""
+    margin: float = 0.005
+    """The candidate's LLM and TTS may be this much (a share: 0.005 = 0.5 points) below the
+    best counted peer."""
+    absolute: dict[str, float] = {}
+    """Tier -> within-SLO floor for the candidate in the scenario's own cell (not sweeps)."""
 
 
 class SweepSpec(_Strict):
@@ -152,6 +265,10 @@ class Scenario(_Strict):
     llmux: LlmuxSpec = LlmuxSpec()
     ollama: OllamaSpec = OllamaSpec()
     lru: LruSpec = LruSpec()
+    llama_swap: LlamaSwapSpec = LlamaSwapSpec()
+    host: HostSpec = HostSpec()
+    load_s: LoadTimes = LoadTimes()
+    goals: GoalsSpec = GoalsSpec()
     policies: list[str] = [
         "llmux",
         "llmux-gpu-only",
@@ -178,6 +295,16 @@ class Scenario(_Strict):
             for key in ("source", "asr_model", "tts_model"):
                 if getattr(self.voice, key) not in self.models:
                     raise ValueError(f"voice.{key}: no model '{getattr(self.voice, key)}'")
+        seen: dict[str, str] = {}
+        for gid, group in (self.llama_swap.groups or {}).items():
+            for mid in group.members:
+                if mid not in self.models:
+                    raise ValueError(f"llama_swap.groups.{gid}: no model '{mid}'")
+                if mid in seen:
+                    raise ValueError(
+                        f"llama_swap.groups.{gid}: '{mid}' is already in group '{seen[mid]}'"
+                    )
+                seen[mid] = gid
         return self
 
     # ------------------------------------------------------------------ derived
@@ -196,7 +323,42 @@ class Scenario(_Strict):
 
     def load_time(self, model_id: str) -> float:
         m = self.models[model_id]
+        if m.load_s is not None:
+            return m.load_s
+        by_type: float | None = getattr(self.load_s, m.type)
+        if by_type is not None:
+            return by_type
         return m.vram_gb / self.load_gbps + m.init_s
+
+    @property
+    def sleepers(self) -> list[str]:
+        return [mid for mid, m in self.models.items() if m.sleep is not None]
+
+    @property
+    def host_budget_gb(self) -> float:
+        return UNLIMITED_HOST_GB if self.host.ram_gb is None else self.host.ram_gb
+
+    def host_gb(self, model_id: str) -> float:
+        """Host memory the model holds while asleep (level 1: its weights; level 2: none)."""
+        m = self.models[model_id]
+        if m.sleep is None or m.sleep.level == 2:
+            return 0.0
+        return m.weights_gb
+
+    def _sleep_time(self, model_id: str, what: Literal["wake", "sleep"]) -> float:
+        m = self.models[model_id]
+        assert m.sleep is not None, f"{model_id} has no sleep:"
+        given = m.sleep.wake_s if what == "wake" else m.sleep.sleep_s
+        if given is not None:
+            return given
+        a, b = SLEEP_TIMES[m.sleep.level][what]
+        return a + b * m.weights_gb
+
+    def wake_time(self, model_id: str) -> float:
+        return self._sleep_time(model_id, "wake")
+
+    def sleep_time(self, model_id: str) -> float:
+        return self._sleep_time(model_id, "sleep")
 
     def slowdown(self, model_id: str) -> float:
         return self.cpu.slowdown if self.models[model_id].device == "cpu" else 1.0
@@ -205,15 +367,20 @@ class Scenario(_Strict):
         p = Path(self.trace.dir)
         return p if p.is_absolute() else Path(self.base_dir) / p
 
-    def llmux_config(self, fallback: bool = True) -> Config:
+    def llmux_config(self, fallback: bool = True, sleep: bool = True) -> Config:
         """The llmux config the real core runs with: same tiers, models and reservations.
-        ``fallback=False`` leaves out every model's ``cpu_fallback`` (GPU-only llmux)."""
+        ``fallback=False`` leaves out every model's ``cpu_fallback`` (GPU-only llmux),
+        ``sleep=False`` every model's ``sleep:`` (eviction stops, as before issue 12)."""
+        sleepers = self.sleepers if sleep and self.llmux.sleep else []
         data: dict[str, Any] = {
             "server": {
                 "max_queue": self.llmux.max_queue,
                 "queue_timeout": self.llmux.queue_timeout_s,
+                "swap_patience": self.llmux.swap_patience,
+                "swap_patience_max": self.llmux.swap_patience_max_s,
             },
             "gpu": {"vram_gb": self.gpu.vram_gb, "reserve_gb": self.gpu.reserve_gb},
+            **({"host": {"ram_gb": self.host_budget_gb}} if sleepers else {}),
             "tiers": [t.model_dump() for t in self.tiers],
             "models": {
                 mid: {
@@ -225,6 +392,18 @@ class Scenario(_Strict):
                     **(
                         {"cpu_fallback": {"cmd": f"simulated {mid} on cpu"}}
                         if m.cpu_fallback and fallback
+                        else {}
+                    ),
+                    **(
+                        {
+                            "sleep": {
+                                "level": m.sleep.level,
+                                "host_gb": m.weights_gb,
+                                "residual_gb": m.sleep.residual_gb,
+                                "api": "vllm",
+                            }
+                        }
+                        if m.sleep is not None and mid in sleepers
                         else {}
                     ),
                 }

@@ -1,10 +1,17 @@
 """The workload: requests built from the traces, with the voice overlay.
 
-Columns (bench/traces/README.md): ``TIMESTAMP`` (wall time of arrival), ``ContextTokens`` (prompt
-length), ``GeneratedTokens`` (output length). An LLM request holds its model for
-``ContextTokens / prefill_tps + GeneratedTokens / decode_tps`` and its first byte comes after the
-prefill. All traces share one time origin (the earliest arrival, voice requests included), so the
-two Azure files stay the same hour side by side.
+Two kinds of trace (bench/traces/README.md), chosen by the file name:
+
+* Azure LLM inference CSVs: ``TIMESTAMP`` (wall time of arrival), ``ContextTokens`` (prompt
+  length), ``GeneratedTokens`` (output length).
+* Mooncake ``*.jsonl``: one JSON object a line, ``timestamp`` (ms since the trace's start),
+  ``input_length``, ``output_length`` (tokens); ``hash_ids`` (prefix-cache blocks) is ignored.
+
+An LLM request holds its model for ``context / prefill_tps + generated / decode_tps`` and its
+first byte comes after the prefill. All traces share one time origin: the Azure files keep their
+wall-clock times (the same hour side by side), and a Mooncake trace, whose times are relative,
+starts at the earliest Azure arrival (or at 0 if there is none). The earliest arrival, voice
+requests included, is then t = 0.
 
 Voice overlay: a seeded ``random.Random`` picks ``voice.share`` of the source model's requests. Each
 is preceded by an ASR request ``asr_lead_s`` earlier and followed by a TTS request at the moment the
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +73,49 @@ def read_azure_trace(path: Path) -> list[TraceRow]:
     return rows
 
 
+def read_mooncake_trace(path: Path) -> list[TraceRow]:
+    """A Mooncake trace: times are relative to its start (``timestamp`` in ms)."""
+    rows: list[TraceRow] = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            rows.append(
+                TraceRow(
+                    float(r["timestamp"]) / 1000.0, int(r["input_length"]), int(r["output_length"])
+                )
+            )
+    rows.sort(key=lambda r: r.t)
+    return rows
+
+
+def is_relative(name: str) -> bool:
+    """Whether a trace file's times are relative to its start (Mooncake) rather than wall time."""
+    return name.endswith(".jsonl")
+
+
+def read_trace(path: Path) -> list[TraceRow]:
+    """Either kind, by the file name: ``*.jsonl`` is Mooncake, anything else an Azure CSV."""
+    return read_mooncake_trace(path) if is_relative(path.name) else read_azure_trace(path)
+
+
+def load_traces(sc: Scenario) -> dict[str, list[TraceRow]]:
+    """Each model's trace rows, on one time origin: relative (Mooncake) traces are shifted to
+    start at the earliest arrival of the absolute (Azure) ones."""
+    traces = {
+        mid: read_trace(sc.trace_dir() / m.trace)
+        for mid, m in sc.models.items()
+        if m.trace is not None
+    }
+    relative = {mid for mid, m in sc.models.items() if m.trace is not None and is_relative(m.trace)}
+    starts = [rows[0].t for mid, rows in traces.items() if rows and mid not in relative]
+    origin = min(starts, default=0.0)
+    for mid in relative:
+        traces[mid] = [TraceRow(origin + r.t, r.context, r.generated) for r in traces[mid]]
+    return traces
+
+
 @dataclass
 class Workload:
     requests: list[SimRequest]
@@ -101,11 +152,7 @@ def build_workload(
 ) -> Workload:
     """Requests for ``sc``. ``traces`` (model id -> rows) replaces reading files (for tests)."""
     if traces is None:
-        traces = {
-            mid: read_azure_trace(sc.trace_dir() / m.trace)
-            for mid, m in sc.models.items()
-            if m.trace is not None
-        }
+        traces = load_traces(sc)
     origin = min((rows[0].t for rows in traces.values() if rows), default=0.0)
     lo = origin + sc.trace.start_s
     hi = None if sc.trace.duration_s is None else lo + sc.trace.duration_s
