@@ -77,6 +77,9 @@ def error_envelope(ctx: Any, response: Any, case: Any) -> bool | None:
     relayed = case.method.upper() == "POST" and case.path in RELAY_PATHS
     if relayed and response.status_code == 400 and body == STAND_IN_400:
         return None
+    ollama_error = isinstance(body, dict) and set(body) == {"error"}
+    if case.path.startswith("/api/") and ollama_error and isinstance(body["error"], str):
+        return True  # the Ollama API answers Ollama's error shape (docs/ollama.md)
     problem = envelope_problem(body)
     assert problem is None, (
         f"{case.method} {case.path} answered {response.status_code} outside the error "

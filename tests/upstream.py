@@ -11,6 +11,11 @@ message (or the prompt) can ask for special behaviour:
 - ``"hold"``: the request is counted as held (a stream first sends one chunk) and waits until
   ``POST /_release`` or until the client disconnects (counted as ``cancelled``); once released
   it finishes normally.
+- ``"call tool"`` (chat, with ``tools``): the answer is OpenAI ``tool_calls``: two calls of
+  the first tool, arguments ``{"city": "Tokyo", "n": 1}`` and ``{"city": "Paris", "n": 2}``
+  (streamed: the id and name first, then the arguments' JSON text in pieces), finish reason
+  ``tool_calls``. A chat whose last message is a ``tool`` result answers
+  ``"{name} got tool {tool_call_id}: {content}"``.
 
 Test hooks: ``GET /_stats`` (counters, pid, name, grandchild_pid, last_headers),
 ``GET /_wait?held=N&cancelled=N`` (long-poll until the counters reach at least these; 408 after
@@ -171,6 +176,43 @@ def last_text(body: dict[str, Any], kind: str) -> str:
     return str(prompt)
 
 
+def tool_calls(body: dict[str, Any], model: str, rid: str, created: int) -> Response:
+    """The ``"call tool"`` answer: two calls of the first tool (see the module docstring)."""
+    name = body["tools"][0]["function"]["name"]
+    calls = [
+        (f"call_{rid}_{i}", json.dumps({"city": city, "n": i + 1}))
+        for i, city in enumerate(["Tokyo", "Paris"])
+    ]
+    head = {"id": rid, "created": created, "model": model}
+    if not body.get("stream"):
+        message = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": cid, "type": "function", "function": {"name": name, "arguments": args}}
+                for cid, args in calls
+            ],
+        }
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls"}
+        return JSONResponse({**head, "object": "chat.completion", "choices": [choice]})
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
+
+    async def produce(receive: Receive) -> AsyncIterator[bytes]:
+        yield chunk({"role": "assistant", "content": None})
+        for i, (cid, args) in enumerate(calls):
+            start = {"id": cid, "type": "function", "function": {"name": name, "arguments": ""}}
+            yield chunk({"tool_calls": [{"index": i, **start}]})
+            for piece in (args[:5], args[5:12], args[12:]):
+                yield chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
+        yield chunk({}, "tool_calls")
+        yield b"data: [DONE]\n\n"
+
+    return ChunkStream(produce, "text/event-stream", {"Cache-Control": "no-cache"})
+
+
 def make_app(state: State) -> Starlette:
     async def health(request: Request) -> Response:
         if time.monotonic() >= state.ready_at:
@@ -186,6 +228,11 @@ def make_app(state: State) -> Starlette:
         special = last_text(body, kind)
         created = int(time.time())
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:12]
+        if kind == "chat" and body.get("tools") and special == "call tool":
+            return tool_calls(body, model, rid, created)
+        last = (body.get("messages") or [{}])[-1] if kind == "chat" else {}
+        if isinstance(last, dict) and last.get("role") == "tool":
+            reply = f"{state.name} got tool {last.get('tool_call_id')}: {special}"
 
         if not body.get("stream"):
             if special == "crash":

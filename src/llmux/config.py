@@ -73,13 +73,13 @@ class ServerConfig(_Strict):
     requests (docs/scheduling.md says why, and why 1024)."""
     queue_timeout: Seconds = 300.0
     """Longest wait for a model, seconds; past it 504 queue_timeout."""
-    swap_patience: float = Field(6.0, ge=0)
+    swap_patience: float = Field(8.0, ge=0)
     """Same-tier contention (rule 3): a model busy with requests is drained for another one
     only once that one's oldest request has waited this many times the swap's cost (the
-    requester's load or wake plus the victim's, as measured), at most ``swap_patience_max``
-    seconds; an idle model is evicted at once. Keeps two busy models that cannot fit together
-    from thrashing. 0 = drain busy models at once."""
-    swap_patience_max: Seconds = 60.0
+    requester's load or wake, the busy model's expected drain and its own reload or wake, as
+    measured), at most ``swap_patience_max`` seconds; an idle model is evicted at once. Keeps two
+    busy models that cannot fit together from thrashing. 0 = drain busy models at once."""
+    swap_patience_max: Seconds = 120.0
     """The longest swap patience, seconds."""
     shutdown_grace: Seconds = 30.0
     """On SIGTERM, seconds to let in-flight requests finish before children are stopped."""
@@ -309,6 +309,36 @@ def _check_args(engine: str, args: Mapping[str, Any], loc: tuple[str, ...]) -> N
         ) from None
 
 
+class WyomingConfig(_Strict):
+    """Home Assistant's voice protocol (Wyoming, over TCP): a server per ASR model's port and
+    one for every TTS model (``llmux.api.wyoming``). Wyoming has no keys: keep it on loopback
+    unless the network is trusted."""
+
+    host: str = Field("127.0.0.1", min_length=1)
+    """Bind address of every Wyoming server. Loopback by default."""
+    asr: dict[str, Annotated[int, Field(ge=1, le=65535)]] = {}
+    """ASR model id -> TCP port. Home Assistant uses the first ASR program a server describes,
+    so each ASR model gets its own port."""
+    tts: int | None = Field(None, ge=1, le=65535)
+    """One TCP port for every TTS model (each model, and each speaker, is a voice); None = no
+    TTS server."""
+    zeroconf: bool = False
+    """Announce each server as ``_wyoming._tcp`` (mDNS) so Home Assistant discovers it."""
+
+    @model_validator(mode="after")
+    def _something(self) -> WyomingConfig:
+        if not self.asr and self.tts is None:
+            raise ValueError("set 'asr' (model -> port) or 'tts' (a port), or remove 'wyoming'")
+        return self
+
+    def ports(self) -> list[tuple[str, int]]:
+        """(what it serves, port) per server: ``asr:MODEL`` or ``tts``."""
+        out = [(f"asr:{m}", p) for m, p in self.asr.items()]
+        if self.tts is not None:
+            out.append(("tts", self.tts))
+        return out
+
+
 DEFAULT_TIERS = (
     TierConfig(name="llm"),
     TierConfig(name="tts"),
@@ -323,6 +353,8 @@ class Config(_Strict):
     tiers: list[TierConfig] = list(DEFAULT_TIERS)
     """Lowest priority first."""
     models: dict[str, ModelConfig] = {}
+    wyoming: WyomingConfig | None = None
+    """Wyoming servers for Home Assistant; None (absent) = none."""
 
     @model_validator(mode="after")
     def _cross_check(self) -> Config:
@@ -344,7 +376,30 @@ class Config(_Strict):
                         f"models.{model_id}.aliases: '{name}' is already used by '{seen[name]}'"
                     )
                 seen[name] = model_id
+        if self.wyoming is not None:
+            self._check_wyoming(self.wyoming)
         return self
+
+    def _check_wyoming(self, wyoming: WyomingConfig) -> None:
+        for model_id in wyoming.asr:
+            m = self.models.get(model_id)
+            if m is None:
+                owner = self.resolve(model_id)
+                hint = f" ('{model_id}' is an alias of '{owner}': use the id)" if owner else ""
+                raise ValueError(f"wyoming.asr.{model_id}: no model has the id '{model_id}'{hint}")
+            if m.type != "asr":
+                raise ValueError(
+                    f"wyoming.asr.{model_id}: '{model_id}' is a {m.type} model, not an asr one"
+                )
+        if wyoming.tts is not None and not any(m.type == "tts" for m in self.models.values()):
+            raise ValueError("wyoming.tts: no model of type tts is configured")
+        used: dict[int, str] = {}
+        for what, port in wyoming.ports():
+            if port in used:
+                raise ValueError(f"wyoming: port {port} is given to both {used[port]} and {what}")
+            used[port] = what
+            if port == self.server.port:
+                raise ValueError(f"wyoming: port {port} ({what}) is server.port, llmux's HTTP")
 
     def tier_of(self, model_id: str) -> str:
         m = self.models[model_id]

@@ -11,7 +11,7 @@ lists exactly the classes there are (``tests/test_errors.py`` parses it)::
     LlmuxError                  500 server_error
     ├── InvalidRequest          400 invalid_request_error / invalid_request
     │   ├── UnsupportedModel    400 invalid_request_error / unsupported_model (wrong type)
-    │   ├── InvalidAudio        400 invalid_request_error / invalid_audio (engine)
+    │   ├── InvalidAudio        400 invalid_request_error / invalid_audio (engine; also Wyoming)
     │   ├── InputTooLong        400 invalid_request_error / string_above_max_length (engine)
     │   ├── RequestTimeout      408 invalid_request_error / request_timeout (slow client)
     │   ├── BodyTooLarge        413 invalid_request_error / body_too_large

@@ -11,10 +11,12 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import aiohttp
+from starlette.routing import Mount
 
 from llmux.api.auth import Authenticator
 from llmux.api.control import build_control
 from llmux.api.errors import send_error
+from llmux.api.ollama import OllamaApi
 from llmux.api.relay import (
     RELAY_PATHS,
     Receive,
@@ -23,6 +25,7 @@ from llmux.api.relay import (
     Send,
     UpstreamConnector,
 )
+from llmux.api.wyoming import WyomingService
 from llmux.backends.sleep import HttpSleepClient
 from llmux.config import Config
 from llmux.errors import ConfigError, MethodNotAllowed
@@ -91,6 +94,13 @@ class LlmuxApp:
             max_speech_chars=config.server.max_speech_chars,
         )
         self.control = build_control(self.scheduler, auth, self.observer)
+        # Wyoming (Home Assistant's voice protocol): its own TCP servers, same scheduler.
+        self.wyoming = WyomingService(self.scheduler, self.observer, self.session)
+        # The Ollama API (api/ollama.py), mounted at /api in the control plane's route table.
+        self.ollama = OllamaApi(
+            self.scheduler, auth, self.observer, self.session, lambda: self.relay.max_body
+        )
+        self.control.router.routes.append(Mount("/api", app=self.ollama.app))
 
     def session(self) -> aiohttp.ClientSession:
         assert self._session is not None, "the app has not started"
@@ -107,6 +117,11 @@ class LlmuxApp:
         )
         self.relay.start(asyncio.get_running_loop())
         await self.scheduler.start()
+        try:
+            await self.wyoming.start(self.config.wyoming)
+        except OSError:  # a Wyoming port cannot be bound: llmux does not start
+            await self.scheduler.shutdown(0)
+            raise
         if self.config_source is not None:
             loop = asyncio.get_running_loop()
             with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
@@ -133,12 +148,15 @@ class LlmuxApp:
         loads under way. Requests in flight go on for shutdown_grace."""
         self.observer.close()
         self.scheduler.begin_shutdown()
+        self.wyoming.begin_shutdown()
 
     async def shutdown(self) -> None:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        self.wyoming.begin_shutdown()
         await self.scheduler.shutdown(self.config.server.shutdown_grace)
+        await self.wyoming.stop()
         self.relay.stop()
         if self._own_sleeper is not None:
             await self._own_sleeper.close()
@@ -181,6 +199,8 @@ class LlmuxApp:
         self.relay.max_body = int(new.server.max_upload_mb * 1_000_000)
         self.relay.max_speech_chars = new.server.max_speech_chars
         self.scheduler.reconfigure(new, new.budget_gb(self.nvml_total_gb))
+        if new.wyoming != old.wyoming:
+            self._spawn(self.wyoming.reconfigure(new.wyoming))
         log.info("config reloaded: added=%s removed=%s changed=%s", added, removed, changed)
         return True
 

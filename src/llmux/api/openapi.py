@@ -9,7 +9,7 @@ llmux with it (undocumented statuses, fields or content types fail), so:
 **Every new route (and every new status, response field or checked request field) must be added
 here in the same change.** The bodies of ``/status``, ``/v1/models`` and ``/events`` are
 described by their wire models (``llmux.api.wire``): change the model and the document follows.
-The Ollama routes of DESIGN section 2 are not served yet; add them here when they are.
+The Ollama routes (``llmux.api.ollama``) answer errors in Ollama's shape, ``OllamaError``.
 
 The document is built from the running config, for two things a client (or a fuzzer) cannot
 know otherwise: the ``maxLength`` of a speech ``input`` (``server.max_speech_chars``) and the ids
@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import llmux
+from llmux.api.ollama import ROUTE_TYPES as OLLAMA_TYPES
 from llmux.api.relay import ROUTE_TYPES
 from llmux.api.wire import wire_schemas
 from llmux.config import Config, ModelType
@@ -137,6 +138,11 @@ def _schemas() -> dict[str, Any]:
             "description": "One event of `GET /events`: named by what happened, its data a "
             "`SchedulerEvent` as JSON.",
         },
+        "OllamaError": _strict(
+            ["error"],
+            {"error": {"type": "string"}},
+            description="Ollama's error shape, answered by the `/api/*` routes.",
+        ),
         "Health": _strict(["status"], {"status": {"const": "ok"}}),
         "ModelLogs": _strict(
             ["id", "lines"],
@@ -570,6 +576,130 @@ def _own_paths(config: Config) -> dict[str, Any]:
     }
 
 
+def _ollama_error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": _ref("OllamaError")}},
+    }
+
+
+def _ollama_paths(config: Config) -> dict[str, Any]:
+    """The Ollama API (``llmux.api.ollama``; docs/ollama.md): Ollama's shapes, its errors
+    ``{"error": "..."}`` (the statuses below the app, 408, 431 and 503 at the connection cap,
+    stay OpenAI's envelope)."""
+    keyed = "Needs a key when `server.api_keys` is set (an admin key also serves)."
+    refused = {
+        "400": _ollama_error(
+            "Invalid request: the body is not a JSON object, a field has the wrong type, the "
+            "model is of a type this route does not serve, two `Authorization` headers, or the "
+            "model server's own 400."
+        ),
+        "401": _ollama_error("No key, or an unknown key."),
+        "408": _response_ref("RequestTimeout"),
+        "431": _response_ref("HeadersTooLarge"),
+    }
+    at_model = {
+        **refused,
+        "404": _ollama_error("No configured model has this name (`model 'x' not found`)."),
+        "413": _ollama_error("The body is over `server.max_upload_mb`."),
+        "429": _ollama_error("`server.max_queue` requests are already waiting."),
+        "502": _ollama_error("The model's process failed before its answer started."),
+        "503": _ollama_error(
+            "Insufficient VRAM, a failed load, llmux shutting down, or at `server.max_connections`."
+        ),
+        "504": _ollama_error("The model was not ready within `server.queue_timeout`."),
+    }
+    any_json = {"type": "object", "additionalProperties": True}
+
+    def get(summary: str, description: str) -> dict[str, Any]:
+        return {
+            "get": {
+                "tags": ["ollama"],
+                "summary": summary,
+                "description": description + " " + keyed,
+                "security": _SECURED,
+                "responses": {
+                    "200": _json("Ollama's answer.", any_json),
+                    **refused,
+                    "503": _response_ref("AtConnectionCap"),
+                },
+            }
+        }
+
+    def post(path: str, summary: str, fields: dict[str, Any], *, stream: bool) -> dict[str, Any]:
+        ids = [
+            name
+            for model_id, m in config.models.items()
+            if m.type in OLLAMA_TYPES[path]
+            for name in (model_id, *m.aliases)
+        ]
+        model: dict[str, Any] = {
+            "type": "string",
+            "minLength": 1,
+            "description": "A configured model id or alias, with or without `:latest`.",
+        }
+        if ids:
+            model["examples"] = ids
+        content: dict[str, Any] = {"application/json": {"schema": any_json}}
+        if stream:
+            content["application/x-ndjson"] = {"schema": any_json}
+        return {
+            "post": {
+                "tags": ["ollama"],
+                "summary": summary,
+                "description": "Ollama's request, translated onto the model's OpenAI route "
+                "(docs/ollama.md). " + keyed,
+                "security": _SECURED,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["model"],
+                                "properties": {"model": model, **fields},
+                                "additionalProperties": True,
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "Ollama's answer: NDJSON when streamed (the default; "
+                        "an error after the stream started is its last line, "
+                        '`{"error": "..."}`), one object with `"stream": false`.',
+                        "content": content,
+                    },
+                    **at_model,
+                },
+            }
+        }
+
+    stream = {"type": "boolean", "description": "false: one JSON object; else NDJSON."}
+    return {
+        "/api/version": get("Version (Ollama)", "The Ollama API version llmux follows."),
+        "/api/tags": get("List models (Ollama)", "The LLM and embedding models."),
+        "/api/ps": get("Loaded models (Ollama)", "The LLM and embedding models loaded now."),
+        "/api/show": post("/api/show", "Show a model (Ollama)", {}, stream=False),
+        "/api/chat": post(
+            "/api/chat",
+            "Chat (Ollama)",
+            {"stream": stream, "messages": {"type": "array"}},
+            stream=True,
+        ),
+        "/api/generate": post(
+            "/api/generate",
+            "Generate (Ollama)",
+            {"stream": stream, "prompt": {"type": "string"}},
+            stream=True,
+        ),
+        "/api/embed": post("/api/embed", "Embeddings (Ollama)", {}, stream=False),
+        "/api/embeddings": post(
+            "/api/embeddings", "Embedding, the older route (Ollama)", {}, stream=False
+        ),
+    }
+
+
 def openapi_document(config: Config) -> dict[str, Any]:
     """The OpenAPI 3.1 document of llmux's HTTP surface, for ``config``."""
     return {
@@ -586,8 +716,12 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "tags": [
             {"name": "openai", "description": "OpenAI's API, relayed to each model's server."},
             {"name": "llmux", "description": "llmux's own routes."},
+            {
+                "name": "ollama",
+                "description": "Ollama's API, translated onto the models' OpenAI routes.",
+            },
         ],
-        "paths": {**_relay_paths(config), **_own_paths(config)},
+        "paths": {**_relay_paths(config), **_own_paths(config), **_ollama_paths(config)},
         "components": {
             "schemas": _schemas(),
             "responses": _responses(),
