@@ -82,6 +82,8 @@ class Held:
     rid: int
     model_id: str
     generation: int
+    granted_at: float
+    """Monotonic time it was granted (the model's service time is learned from leases)."""
 
 
 class SchedulerCore:
@@ -182,6 +184,7 @@ class SchedulerCore:
                 load_s=m.load_s or 0.0,
                 wake_s=m.wake_s or 0.0,
                 waited_s=now - self.waiters[m.waiters[0]].enqueued_at if m.waiters else 0.0,
+                drain_s=_drain_estimate(m),
                 in_flight=m.in_flight,
                 queued=len(m.waiters),
             )
@@ -325,7 +328,7 @@ class SchedulerCore:
         """Count request ``rid`` in flight on ``m`` (its lease)."""
         m.in_flight += 1
         m.last_used = self.wall()
-        self.leases[rid] = Held(rid, m.model_id, m.generation)
+        self.leases[rid] = Held(rid, m.model_id, m.generation, self.clock())
 
     def _release(self, rid: int) -> None:
         lease = self.leases.pop(rid, None)
@@ -338,6 +341,8 @@ class SchedulerCore:
         ):
             return
         m.in_flight -= 1
+        held = self.clock() - lease.granted_at
+        m.service_s = held if m.service_s is None else 0.9 * m.service_s + 0.1 * held
         if m.in_flight > 0:
             return
         if m.state is ModelState.DRAINING:
@@ -394,6 +399,7 @@ class SchedulerCore:
                 self.effects.reject(
                     w.rid, ModelLoadFailed(f"model '{m.model_id}' failed to load: {ev.error}")
                 )
+            self._reject_sleep_waiters(m, f"its load failed ({first_line})")
             self._answer_unload_waiters(m)
             self._forget_if_removed(m)
             return
@@ -874,3 +880,12 @@ def _insufficient(m: ModelRecord, d: Infeasible) -> InsufficientVram:
         f"model '{m.model_id}' needs {d.need_gb:g} GB{measured} but only {d.budget_gb:g} GB is "
         f"budgeted and memory it may not take is held by: {held}"
     )
+
+
+def _drain_estimate(m: ModelRecord) -> float:
+    """Expected seconds until ``m``'s requests in flight are done: its mean lease time x
+    H(in flight), the expected longest of that many exponential remainders; 0 when idle or
+    never measured."""
+    if m.in_flight == 0 or m.service_s is None:
+        return 0.0
+    return m.service_s * sum(1.0 / k for k in range(1, min(m.in_flight, 256) + 1))

@@ -71,6 +71,8 @@ class ModelView:
     """What a wake of it costs, seconds (measured; 0 = not known yet)."""
     waited_s: float = 0.0
     """The requester: how long its oldest waiting request has waited."""
+    drain_s: float = 0.0
+    """A busy model: the expected seconds until its requests in flight are done."""
     in_flight: int = 0
     """Requests holding a lease on it."""
     queued: int = 0
@@ -109,9 +111,9 @@ class Snapshot:
     patience: float = 0.0
     """Swap patience (rule 3, same-tier contention): a busy victim is drained for a requester
     only once the requester's oldest request has waited ``patience`` x the swap's cost (the
-    requester's start plus the victim's restore, measured), at most ``patience_max_s``; idle
-    victims are taken at once. 0 = busy victims at once (the seed's order)."""
-    patience_max_s: float = 30.0
+    requester's start, the victim's expected drain and its restore, all measured), at most
+    ``patience_max_s``; idle victims are taken at once. 0 = busy victims at once."""
+    patience_max_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -223,10 +225,11 @@ def host_room(
 
 def patience_s(snapshot: Snapshot, me: ModelView, victim: ModelView) -> float:
     """How long ``me``'s oldest request must have waited before busy ``victim`` may be drained
-    for it: the swap's cost (``me``'s start plus the victim's restore) x ``patience``, capped."""
+    for it: the swap's cost (``me``'s start, the victim's expected drain and its restore) x
+    ``patience``, capped."""
     if not victim.busy or snapshot.patience <= 0:
         return 0.0
-    cost = me.start_s + victim.restore_s
+    cost = me.start_s + victim.drain_s + victim.restore_s
     return min(snapshot.patience_max_s, snapshot.patience * cost)
 
 
@@ -324,6 +327,15 @@ def plan_load(snapshot: Snapshot, model_id: str) -> Decision:
         gb
         for mid, gb in snapshot.pending.items()
         if mid != model_id and may_evict(me, snapshot.models[mid])
+    )
+    # A model on its way to sleep keeps its residual; once asleep M may stop it (rule 13).
+    later += sum(
+        v.reservation_gb - v.returning_gb
+        for v in resident
+        if v.state in DOOMED
+        and v.state is not ModelState.UNLOADING
+        and v.model_id != model_id
+        and may_evict(me, v)
     )
     soon = sum(snapshot.models[mid].reservation_gb for mid in not_yet)
     if total + later + soon + _EPS >= need:

@@ -221,6 +221,8 @@ class ModelRecord:
     """Seconds its last cold load took (start to ready), on the core's clock; None: never."""
     wake_s: float | None = None
     """Seconds its last wake took; None: never woken."""
+    service_s: float | None = None
+    """Its requests' mean lease time, seconds (a moving average over releases); None: none yet."""
     stop_s: float | None = None
     """Seconds its last stop took (stop sent to process gone)."""
     transition_at: float = 0.0
