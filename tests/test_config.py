@@ -26,7 +26,7 @@ def test_minimal_and_defaults() -> None:
     assert cfg.server.host == "127.0.0.1"
     assert cfg.server.max_queue == 1024  # per model
     assert cfg.server.queue_timeout == 300
-    assert (cfg.server.swap_patience, cfg.server.swap_patience_max) == (8, 120)
+    assert (cfg.server.swap_patience, cfg.server.swap_patience_max) == (8, 180)
     assert cfg.host.ram_gb == "auto"
     assert cfg.host.budget_gb(20.0) == pytest.approx(18.0)  # MemAvailable less 10%
     assert cfg.host.budget_gb(None) == 0.0  # unknown: nothing may sleep at level 1

@@ -197,7 +197,7 @@ class SchedulerCore:
             dict(self.pending),
             self.host_budget_gb,
             server.swap_patience,
-            server.swap_patience_max,
+            min(server.swap_patience_max, server.queue_timeout / 2),
         )
 
     # ------------------------------------------------------------------ events

@@ -113,7 +113,7 @@ class Snapshot:
     only once the requester's oldest request has waited ``patience`` x the swap's cost (the
     requester's start, the victim's expected drain and its restore, all measured), at most
     ``patience_max_s``; idle victims are taken at once. 0 = busy victims at once."""
-    patience_max_s: float = 120.0
+    patience_max_s: float = 180.0
 
 
 @dataclass(frozen=True)

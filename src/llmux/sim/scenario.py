@@ -178,7 +178,7 @@ class LlmuxSpec(_Strict):
     queue_timeout_s: float = Field(300.0, ge=0)
     passover_bound_s: float = Field(10.0, ge=0)
     swap_patience: float = Field(8.0, ge=0)
-    swap_patience_max_s: float = Field(120.0, ge=0)
+    swap_patience_max_s: float = Field(180.0, ge=0)
     sleep: bool = True
     """False: the models' ``sleep:`` is left out of llmux's config (eviction stops them)."""
 
