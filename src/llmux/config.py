@@ -80,8 +80,9 @@ class ServerConfig(_Strict):
     measured), at most ``swap_patience_max`` seconds; an idle model is evicted at once. Keeps two
     busy models that cannot fit together from thrashing. 0 = drain busy models at once."""
     swap_patience_max: Seconds = 180.0
-    """The longest swap patience, seconds; never more than half of ``queue_timeout``, so a
-    request that waits for its swap is still served before its deadline."""
+    """The longest swap patience, seconds; never more than 60% of ``queue_timeout``, leaving
+    the rest for the drain and the load, so a request that waits for its swap is still served
+    before its deadline."""
     shutdown_grace: Seconds = 30.0
     """On SIGTERM, seconds to let in-flight requests finish before children are stopped."""
     max_upload_mb: float = Field(25.0, gt=0)

@@ -197,7 +197,7 @@ class SchedulerCore:
             dict(self.pending),
             self.host_budget_gb,
             server.swap_patience,
-            min(server.swap_patience_max, server.queue_timeout / 2),
+            min(server.swap_patience_max, 0.6 * server.queue_timeout),
         )
 
     # ------------------------------------------------------------------ events

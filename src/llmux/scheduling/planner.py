@@ -328,6 +328,15 @@ def plan_load(snapshot: Snapshot, model_id: str) -> Decision:
         for mid, gb in snapshot.pending.items()
         if mid != model_id and may_evict(me, snapshot.models[mid])
     )
+    # A sleeper promised a wake holds its residual now; once awake M may evict it.
+    later += sum(
+        v.reservation_gb
+        for v in resident
+        if v.state is ModelState.SLEEPING
+        and v.model_id in snapshot.pending
+        and v.model_id != model_id
+        and may_evict(me, v)
+    )
     # A model on its way to sleep keeps its residual; once asleep M may stop it (rule 13).
     later += sum(
         v.reservation_gb - v.returning_gb
