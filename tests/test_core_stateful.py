@@ -839,11 +839,6 @@ class Asked:
     error: LlmuxError | None = None
 
 
-KNOWN_BUG_PENDING_RESIDUAL = False
-"""The planner does not count the residual of a sleeper promised a wake as memory it may free
-later (once awake it is a model the requester may evict): a request that fits then is refused
-(test_planner.py and test_core_sleep.py, xfail). Set False once fixed: rule 4, exactly."""
-
 RARELY = st.integers(0, 2)
 """Drawn by disruptive rules (crash, admin unload, stale events), which act only on 0: without
 it they free memory so often that priority evictions become rare."""
@@ -1123,8 +1118,6 @@ class CoreMachine(RuleBasedStateMachine):
         )
         if m.state is ModelState.DRAINING and not to_sleep:
             return 0.0
-        if KNOWN_BUG_PENDING_RESIDUAL and m.asleep and m.model_id in self.core.pending:
-            return m.residual_gb
         if self.allowed(requester, m.model_id):
             return 0.0
         return m.residual_gb if to_sleep else m.reservation_gb
