@@ -39,6 +39,7 @@ from starlette.types import Receive, Scope, Send
 
 from llmux.api.auth import Authenticator
 from llmux.api.errors import from_http_exception, internal_error
+from llmux.api.relay import UpstreamRoute, stop_work
 from llmux.config import ModelConfig, ModelType
 from llmux.errors import (
     BodyTooLarge,
@@ -69,11 +70,6 @@ ROUTE_TYPES: dict[str, frozenset[ModelType]] = {
 
 LISTED_TYPES: frozenset[ModelType] = frozenset({"llm", "embedding"})
 """The model types ``/api/tags`` and ``/api/ps`` list (Ollama serves no speech models)."""
-
-UPSTREAM_CONNECT_S = 10.0
-CANCEL_WAIT_S = 12.0
-"""After a client went away: the longest wait for a built-in engine to stop the request's work
-before its lease is released anyway (as the relay)."""
 
 NDJSON = "application/x-ndjson"
 _LATEST = ":latest"
@@ -553,9 +549,9 @@ class _ModelCall(Response):
                 if not self.gone:
                     raise
                 task.uncancel()
-                cancel = _cancel_path(lease, scheduler)
-                if cancel is not None:
-                    await self.api.stop_work(lease, cancel)
+                route = _route(lease, scheduler)
+                if route is not None and route.cancel_path is not None:
+                    await self.api.stop_work(lease, route.cancel_path)
             finally:
                 scheduler.release(lease)
         except LlmuxError as exc:
@@ -608,14 +604,11 @@ class _ModelCall(Response):
         if self.upstream is None:
             await self._whole(send, self.answer.loaded())
             return
-        spec = self.api.scheduler.config.models.get(self.model_id)
-        stall = spec.stall_timeout if spec is not None else 0
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=UPSTREAM_CONNECT_S, sock_read=stall or None
-        )
+        route = _route(lease, self.api.scheduler)
+        timeout = route.timeout if route is not None else None
         headers = {"content-type": "application/json", "accept-encoding": "identity"}
-        if _cancel_path(lease, self.api.scheduler) is not None:
-            headers["x-llmux-request-id"] = str(lease.rid)
+        if route is not None:
+            headers.update(route.headers(lease))
         url = lease.base_url + self.upstream
         streaming = False
         try:
@@ -642,7 +635,7 @@ class _ModelCall(Response):
                 streaming = True
                 await self._relay_stream(send, resp, timing)
         except (aiohttp.ClientError, ConnectionError, TimeoutError, UpstreamError) as exc:
-            error = _upstream_error(self.model_id, stall, exc)
+            error = _upstream_error(self.model_id, route.spec.stall_timeout if route else 0, exc)
             log.warning("upstream error model=%s: %s", self.model_id, error.message)
             if not streaming:
                 raise error from None
@@ -679,13 +672,10 @@ class _ModelCall(Response):
         raise UpstreamError(f"model '{self.model_id}' ended its stream before it was done")
 
 
-def _cancel_path(lease: Lease, scheduler: Scheduler) -> str | None:
+def _route(lease: Lease, scheduler: Scheduler) -> UpstreamRoute | None:
+    """The leased model's route (None if a reload removed it meanwhile)."""
     spec = scheduler.config.models.get(lease.model_id)
-    if spec is None or spec.engine is None:
-        return None
-    from llmux.engines import engine_cancel_path
-
-    return engine_cancel_path(spec.engine)
+    return UpstreamRoute.of(spec) if spec is not None else None
 
 
 def _child_message(body: Any, default: str) -> str:
@@ -881,13 +871,8 @@ class OllamaApi:
     async def stop_work(self, lease: Lease, cancel_path: str) -> None:
         """The client went away: tell the built-in engine to stop this request's work, and
         return once it has (or after CANCEL_WAIT_S)."""
-        url = lease.base_url + cancel_path.format(request_id=lease.rid)
-        try:
-            async with asyncio.timeout(CANCEL_WAIT_S):
-                async with self.session().post(url) as resp:
-                    await resp.read()
-        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
-            log.info("cancel of request %d on %s: %s", lease.rid, lease.model_id, exc)
+        outcome = await stop_work(self.session(), lease, cancel_path)
+        log.info("cancel of request %d on %s: %s", lease.rid, lease.model_id, outcome)
 
     @staticmethod
     def _stream(data: dict[str, Any]) -> bool:

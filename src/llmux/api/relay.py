@@ -182,8 +182,9 @@ class UpstreamConnector(aiohttp.TCPConnector):
 
 
 @dataclass(frozen=True)
-class _Route:
-    """What the relay needs of one model's config, built once per config object."""
+class UpstreamRoute:
+    """What a front end (the relay, the Ollama API, Wyoming) needs of one model's config to talk
+    to its child; the relay builds one per config object."""
 
     spec: ModelConfig
     timeout: aiohttp.ClientTimeout
@@ -192,7 +193,7 @@ class _Route:
     """The child's endpoint that stops one request's work (built-in engines), if any."""
 
     @classmethod
-    def of(cls, spec: ModelConfig) -> _Route:
+    def of(cls, spec: ModelConfig) -> UpstreamRoute:
         stall = spec.stall_timeout or None
         cancel = None
         if spec.engine is not None:
@@ -203,6 +204,27 @@ class _Route:
             total=None, sock_connect=UPSTREAM_CONNECT_S, sock_read=stall
         )
         return cls(spec, timeout, cancel)
+
+    def headers(self, lease: Lease) -> dict[str, str]:
+        """Headers of a request a front end builds itself: no compressed answer, and the
+        request's id where the child can cancel it."""
+        headers = {"accept-encoding": "identity"}
+        if self.cancel_path is not None:
+            headers["x-llmux-request-id"] = str(lease.rid)
+        return headers
+
+
+async def stop_work(session: aiohttp.ClientSession, lease: Lease, cancel_path: str) -> str:
+    """The client went away: tell the child to stop this request's work, and return once it has
+    (or after CANCEL_WAIT_S), saying how it ended. Until then the request stays in flight."""
+    url = lease.base_url + cancel_path.format(request_id=lease.rid)
+    try:
+        async with asyncio.timeout(CANCEL_WAIT_S):
+            async with session.post(url) as resp:
+                await resp.read()
+                return f"status {resp.status}"
+    except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+        return f"{type(exc).__name__} {exc}"
 
 
 class Relay:
@@ -223,7 +245,7 @@ class Relay:
         self.max_body = max_body
         self.max_speech_chars = max_speech_chars
         self._session = session
-        self._routes: dict[str, _Route] = {}
+        self._routes: dict[str, UpstreamRoute] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._young: deque[_Watch] = deque()
         """Requests whose watcher is not armed yet, oldest first. A request that finishes first
@@ -240,11 +262,11 @@ class Relay:
             self._sweep_at.cancel()
             self._sweep_at = None
 
-    def _route(self, model_id: str) -> _Route:
+    def _route(self, model_id: str) -> UpstreamRoute:
         spec = self.scheduler.config.models[model_id]
         route = self._routes.get(model_id)
         if route is None or route.spec is not spec:  # new, or the config was reloaded
-            route = self._routes[model_id] = _Route.of(spec)
+            route = self._routes[model_id] = UpstreamRoute.of(spec)
         return route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -460,7 +482,7 @@ class Relay:
         scope: Scope,
         send: Send,
         lease: Lease,
-        route: _Route,
+        route: UpstreamRoute,
         body: bytes,
         headers: list[tuple[str, str]],
         headers_sent: bool,
@@ -552,15 +574,8 @@ class Relay:
     async def _stop_work(self, lease: Lease, cancel_path: str) -> None:
         """The client went away: tell the child to stop this request's work, and return once it
         has (or after CANCEL_WAIT_S). Until then the request stays in flight."""
-        url = lease.base_url + cancel_path.format(request_id=lease.rid)
         began = time.monotonic()
-        try:
-            async with asyncio.timeout(CANCEL_WAIT_S):
-                async with self._session().post(url) as resp:
-                    await resp.read()
-                    outcome = f"status {resp.status}"
-        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
-            outcome = f"{type(exc).__name__} {exc}"
+        outcome = await stop_work(self._session(), lease, cancel_path)
         log.info(
             "client left model=%s request=%d: the child stopped its work after %.3f s (%s)",
             lease.model_id,
@@ -574,7 +589,7 @@ def _chunked(transfer_encoding: str | None) -> bool:
     return transfer_encoding is not None and "chunked" in transfer_encoding.lower()
 
 
-def _upstream_error(model_id: str, route: _Route, exc: Exception) -> UpstreamError:
+def _upstream_error(model_id: str, route: UpstreamRoute, exc: Exception) -> UpstreamError:
     if isinstance(exc, _BadAnswer):
         return UpstreamError(str(exc))
     if isinstance(exc, TimeoutError):  # aiohttp's sock_read: the child went silent

@@ -49,7 +49,7 @@ import aiohttp
 import orjson
 
 from llmux import __version__
-from llmux.api.relay import CANCEL_WAIT_S, UPSTREAM_CONNECT_S
+from llmux.api.relay import UpstreamRoute, stop_work
 from llmux.config import Config, ModelConfig, WyomingConfig
 from llmux.errors import (
     BodyTooLarge,
@@ -959,12 +959,12 @@ class WyomingHandler(AsyncEventHandler):
         return lease, time.monotonic() - started
 
     async def _with_lease(
-        self, model_id: str, work: Callable[[Lease, _Route], Coroutine[Any, Any, T]]
+        self, model_id: str, work: Callable[[Lease, UpstreamRoute], Coroutine[Any, Any, T]]
     ) -> tuple[T, float]:
         """``work`` with a lease on ``model_id``, released however it ends. A cancel (the client
         hung up) first tells a built-in engine to stop, as the relay does."""
         lease, queued = await self._lease(model_id)
-        route = _Route.of(self.service.scheduler.config.models[model_id])
+        route = UpstreamRoute.of(self.service.scheduler.config.models[model_id])
         try:
             try:
                 return await work(lease, route), queued
@@ -978,13 +978,8 @@ class WyomingHandler(AsyncEventHandler):
             self.service.scheduler.release(lease)
 
     async def _stop_work(self, lease: Lease, cancel_path: str) -> None:
-        url = lease.base_url + cancel_path.format(request_id=lease.rid)
-        try:
-            async with asyncio.timeout(CANCEL_WAIT_S):
-                async with self.service.session().post(url) as resp:
-                    await resp.read()
-        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
-            log.info("wyoming: cancel of request %d on %s: %s", lease.rid, lease.model_id, exc)
+        outcome = await stop_work(self.service.session(), lease, cancel_path)
+        log.info("wyoming: cancel of request %d on %s: %s", lease.rid, lease.model_id, outcome)
 
     # -- speech to text
 
@@ -1039,7 +1034,7 @@ class WyomingHandler(AsyncEventHandler):
             self._done(model_id, code, queued)
 
     async def _post_transcription(
-        self, lease: Lease, route: _Route, wav: bytes, language: str | None
+        self, lease: Lease, route: UpstreamRoute, wav: bytes, language: str | None
     ) -> str:
         form = aiohttp.FormData()
         form.add_field("model", route.spec.upstream_model or lease.model_id)
@@ -1187,14 +1182,14 @@ class WyomingHandler(AsyncEventHandler):
         """Speak ``text`` with a lease on ``model_id``: ``audio-start``, the chunks as the
         child's answer arrives, ``audio-stop``. Returns the seconds waited for the lease."""
 
-        async def post(lease: Lease, route: _Route) -> None:
+        async def post(lease: Lease, route: UpstreamRoute) -> None:
             await self._post_speech(lease, route, speaker, text)
 
         _, queued = await self._guarded(self._with_lease(model_id, post))
         return queued
 
     async def _post_speech(
-        self, lease: Lease, route: _Route, speaker: str | None, text: str
+        self, lease: Lease, route: UpstreamRoute, speaker: str | None, text: str
     ) -> None:
         payload: dict[str, Any] = {
             "model": route.spec.upstream_model or lease.model_id,
@@ -1238,33 +1233,6 @@ class WyomingHandler(AsyncEventHandler):
                 rate=fmt.rate, width=2, channels=fmt.channels, audio=pcm[at : at + step]
             )
             await self._write(chunk.event())
-
-
-@dataclass(frozen=True)
-class _Route:
-    """What a Wyoming request needs of one model's config (as the relay's ``_Route``)."""
-
-    spec: ModelConfig
-    timeout: aiohttp.ClientTimeout
-    cancel_path: str | None
-
-    @classmethod
-    def of(cls, spec: ModelConfig) -> _Route:
-        cancel = None
-        if spec.engine is not None:
-            from llmux.engines import engine_cancel_path
-
-            cancel = engine_cancel_path(spec.engine)
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=UPSTREAM_CONNECT_S, sock_read=spec.stall_timeout or None
-        )
-        return cls(spec, timeout, cancel)
-
-    def headers(self, lease: Lease) -> dict[str, str]:
-        headers = {"accept-encoding": "identity"}
-        if self.cancel_path is not None:
-            headers["x-llmux-request-id"] = str(lease.rid)
-        return headers
 
 
 def _dict(value: Any) -> dict[str, Any]:
